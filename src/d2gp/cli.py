@@ -1,0 +1,219 @@
+"""The ``d2gp`` command: parses arguments, then calls the library. No logic of its own.
+
+Subcommands: ``tasks``, ``datasets``, ``reconstruct``, ``train-denoiser``. Every task setting
+is a flag (``--student-ratio 0.05``, ``--image-size 128``…), generated from the task
+configuration dataclasses, so the CLI and the Python API cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+from d2gp.checkpoints import CheckpointError, write_json
+from d2gp.tasks import TASKS, TaskError, make_task, task_config
+
+__all__ = ["main", "build_parser"]
+
+
+# --- shared pieces ------------------------------------------------------------------------------
+def _task_fields() -> dict[str, dataclasses.Field]:
+    """Every task setting of every task, by name (a setting shared by tasks appears once)."""
+    fields: dict[str, dataclasses.Field] = {}
+    for cls in TASKS.values():
+        for f in dataclasses.fields(cls):
+            fields.setdefault(f.name, f)
+    return fields
+
+
+def _field_type(f: dataclasses.Field):
+    text = str(f.type)
+    return float if "float" in text else int if "int" in text else str
+
+
+def _add_task_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--task", required=True, choices=list(TASKS), help="which task (see `d2gp tasks`)")
+    group = parser.add_argument_group("task settings (default: the task's own; see `d2gp tasks`)")
+    for name, f in _task_fields().items():
+        owners = [t for t, cls in TASKS.items() if name in {g.name for g in dataclasses.fields(cls)}]
+        scope = "" if len(owners) == len(TASKS) else f" [{', '.join(owners)}]"
+        group.add_argument(f"--{name.replace('_', '-')}", dest=f"task_{name}", type=_field_type(f), default=None,
+                           metavar=_field_type(f).__name__.upper(), help=f.metadata.get("help", "") + scope)
+
+
+def _task_from_args(args: argparse.Namespace):
+    overrides = {k[len("task_"):]: v for k, v in vars(args).items() if k.startswith("task_") and v is not None}
+    return make_task(args.task, **overrides)
+
+
+def _environment() -> dict:
+    import deepinv
+
+    return {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "command": "d2gp " + " ".join(sys.argv[1:]),
+        "machine": f"{platform.node()} {platform.machine()} {platform.processor() or ''}".strip(),
+        "cpu_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "deepinv": deepinv.__version__,
+    }
+
+
+def _iteration_list(text: str, iterations: int) -> list[int]:
+    try:
+        ks = sorted({int(v) for v in text.split(",") if v.strip()} | {iterations})
+    except ValueError:
+        raise TaskError(f"--report must be a comma-separated list of integers, got {text!r}") from None
+    bad = [k for k in ks if not 0 <= k <= iterations]
+    if bad:
+        raise TaskError(f"--report values must lie in [0, {iterations}], got {bad}")
+    return ks
+
+
+# --- subcommands --------------------------------------------------------------------------------
+def cmd_tasks(args: argparse.Namespace) -> None:
+    for name, cls in TASKS.items():
+        config = cls()
+        print(f"{name}: {cls.description}\n  {config.describe()}\n  dataset: {config.default_dataset}")
+        for f in dataclasses.fields(cls):
+            print(f"    --{f.name.replace('_', '-'):<22} {getattr(config, f.name)!s:<16} {f.metadata.get('help', '')}")
+        print()
+
+
+def cmd_datasets(args: argparse.Namespace) -> None:
+    from d2gp.data import list_datasets
+
+    for name, description in list_datasets().items():
+        print(f"{name:<16} {description}")
+
+
+def cmd_reconstruct(args: argparse.Namespace) -> None:
+    from d2gp.evaluation import evaluate_solver, format_mean_std
+    from d2gp.plots import image_grid, psnr_curves
+    from d2gp.reports import markdown_table, write_table
+
+    task = _task_from_args(args)
+    ks = _iteration_list(args.report, args.iterations)
+    images = task.images(args.split, limit=args.limit)
+    denoiser = task.denoiser()
+    out = Path(args.out or f"results/reconstruct-{task.name}")
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"{task!r}\n{len(images)} {args.split} images from {task.dataset!r}, K = {args.iterations}, "
+          f"γ_student = {task.student_step_size:.4g}, γ_teacher = {task.teacher_step_size:.4g}")
+    runs = []
+    for label, physics, step in (("student", task.student, task.student_step_size),
+                                 ("teacher", task.teacher, task.teacher_step_size)):
+        runs.append(evaluate_solver(label, physics, images, denoiser, step, args.iterations, ssim_at=ks,
+                                    noise_seed=args.noise_seed, batch_size=args.batch_size,
+                                    keep_examples=args.examples))
+
+    rows = [[run.label, k, format_mean_std(run.psnr[k]), format_mean_std(run.ssim[k], 3)] for run in runs for k in ks]
+    header = ["method", "k", "PSNR (dB)", "SSIM"]
+    print(markdown_table(header, rows))
+    write_table(header, rows, out / "table")
+    write_json({"config": task.config.to_dict(), "cli": {k: v for k, v in vars(args).items() if k != "func"},
+                "environment": _environment()}, out / "config.json")
+    write_json({"task": task.name, "split": args.split, "images": len(images),
+                "step_size": {"student": task.student_step_size, "teacher": task.teacher_step_size},
+                "seconds": {run.label: run.seconds for run in runs},
+                "runs": [run.summary() for run in runs]}, out / "results.json")
+    examples = images[: args.examples]
+    grid = {"ground truth": examples, **{run.label: run.examples for run in runs}}
+    captions = {run.label: [f"{v:.1f} dB" for v in run.psnr[args.iterations][: args.examples].tolist()] for run in runs}
+    image_grid(grid, out / "examples.png", captions, title=f"{task.name}: PnP-FISTA, K = {args.iterations}")
+    psnr_curves({run.label: run.summary()["psnr_per_iteration"] for run in runs}, out / "psnr_curves.png",
+                title=f"{task.name}: PSNR over iterations")
+    print(f"wrote {out}/ (table.md, table.csv, results.json, config.json, examples.png, psnr_curves.png)")
+
+
+def cmd_train_denoiser(args: argparse.Namespace) -> None:
+    from d2gp.denoisers import save_denoiser, train_denoiser
+
+    task = _task_from_args(args)
+    train, val = task.images("train"), task.images("val")
+    print(f"training a DnCNN ({args.depth} layers, {args.features} features) for {task.name} on "
+          f"{len(train)} images of {task.dataset!r}, σ ∈ [{args.sigma_min}, {args.sigma_max}], {args.epochs} epochs")
+    out = Path(args.out)
+    checkpoint = out.with_name(out.name + ".training")
+    if checkpoint.exists() and not args.resume:
+        raise CheckpointError(f"{checkpoint} exists from an earlier run: pass --resume to continue it, or delete it")
+    model, history = train_denoiser(
+        train, val, depth=args.depth, features=args.features, sigma_min=args.sigma_min, sigma_max=args.sigma_max,
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, checkpoint_path=checkpoint)
+    training = {"task": task.config.to_dict(), "cli": {k: v for k, v in vars(args).items() if k != "func"},
+                "environment": _environment(), "history": history}
+    save_denoiser(model, out, training)
+    write_json(training, out.with_suffix(".json"))
+    checkpoint.unlink(missing_ok=True)
+    print("validation PSNR per σ: " + ", ".join(f"σ={s}: {v:.2f} dB" for s, v in history["val_psnr"].items()))
+    print(f"wrote {out} and {out.with_suffix('.json')}")
+
+
+# --- parser -------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="d2gp", description=(
+        "D2GP: learned nonlinear preconditioners for plug-and-play FISTA (single-pixel camera, MRI, "
+        "super-resolution)."))
+    parser.add_argument("--threads", type=int, default=None, help="PyTorch CPU threads (default: PyTorch's choice)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("tasks", help="list the tasks, their operators and default settings")
+    p.set_defaults(func=cmd_tasks)
+
+    p = sub.add_parser("datasets", help="list the datasets (embedded offline ones and loaders for your files)")
+    p.set_defaults(func=cmd_datasets)
+
+    p = sub.add_parser("reconstruct", help="PnP-FISTA with the student and the teacher operators on a split")
+    _add_task_arguments(p)
+    p.add_argument("--iterations", "-K", type=int, default=20, help="number of iterations K (default 20)")
+    p.add_argument("--report", default="1,2,5,10,20", help="iterations at which to report PSNR/SSIM (default 1,2,5,10,20)")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"], help="data split (default test)")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N images")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--noise-seed", type=int, default=0, help="seed of the measurement noise")
+    p.add_argument("--examples", type=int, default=6, help="images in the PNG grid")
+    p.add_argument("--out", default=None, help="output folder (default results/reconstruct-TASK)")
+    p.set_defaults(func=cmd_reconstruct)
+
+    p = sub.add_parser("train-denoiser", help="train the task's DnCNN denoiser (the PnP prior)")
+    _add_task_arguments(p)
+    p.add_argument("--depth", type=int, default=7, help="DnCNN layers (default 7)")
+    p.add_argument("--features", type=int, default=32, help="DnCNN features per layer (default 32)")
+    p.add_argument("--sigma-min", type=float, default=0.01, help="lowest training noise std (default 0.01)")
+    p.add_argument("--sigma-max", type=float, default=0.2, help="highest training noise std (default 0.2)")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="weights file to write (then load it with --denoiser PATH)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run with the same --out")
+    p.set_defaults(func=cmd_train_denoiser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from d2gp.data import DataError
+
+    try:
+        args.func(args)
+    except (TaskError, DataError, CheckpointError) as error:
+        print(f"d2gp {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

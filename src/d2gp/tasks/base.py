@@ -1,0 +1,210 @@
+"""What every task shares: the configuration base, the :class:`Task` object and its errors.
+
+A *task* is a pair of linear operators on the same images — the practical ``student`` and the
+better-conditioned ``teacher`` — together with the data, the measurement noise, the denoiser
+and the step sizes of plug-and-play FISTA. The solver never sees a task: it only receives a
+``deepinv.physics.LinearPhysics``, a denoiser and a step size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any, ClassVar
+
+import torch
+from deepinv.physics import GaussianNoise, LinearPhysics
+
+__all__ = ["TaskError", "TaskConfig", "Task", "power_norm", "measure", "spec"]
+
+
+class TaskError(ValueError):
+    """A task was asked for with settings that cannot work (the message says which)."""
+
+
+def spec(default: Any, help: str) -> Any:
+    """A dataclass field with a help text, shown by ``d2gp ... --help`` and in the docs."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TaskConfig:
+    """Settings common to every task. Subclasses add the operator settings.
+
+    Every field can be overridden from Python (``make_task("spc", student_ratio=0.05)``) and
+    from the command line (``--student-ratio 0.05``).
+    """
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    channels: ClassVar[int] = 1
+
+    image_size: int = spec(32, "side of the square images, in pixels")
+    noise_sigma: float = spec(0.01, "std of the additive Gaussian noise on the measurements")
+    dataset: str = spec("", "dataset name (see `d2gp datasets`); empty = the task's embedded default")
+    data_root: str | None = spec(None, "folder of the user's files for a real dataset")
+    seed: int = spec(0, "seed of the data split (and of random operator parts)")
+    student_step_size: float | None = spec(None, "student step size γ; default 1/‖AᵀA‖ (power method)")
+    teacher_step_size: float | None = spec(None, "teacher step size γ; default 1/‖AᵀA‖ (power method)")
+    denoiser: str | None = spec(None, "path of a DnCNN weights file; default: the shipped one")
+
+    default_dataset: ClassVar[str] = ""
+
+    def validate(self) -> None:
+        """Raise :class:`TaskError` on settings that cannot work."""
+        if not isinstance(self.image_size, int) or self.image_size < 8:
+            raise TaskError(f"image_size must be an integer ≥ 8, got {self.image_size!r}")
+        if not self.noise_sigma >= 0 or not math.isfinite(self.noise_sigma):
+            raise TaskError(f"noise_sigma must be a finite number ≥ 0, got {self.noise_sigma!r}")
+        for name in ("student_step_size", "teacher_step_size"):
+            value = getattr(self, name)
+            if value is not None and not (value > 0 and math.isfinite(value)):
+                raise TaskError(f"{name} must be a finite number > 0, got {value!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"task": self.name, **dataclasses.asdict(self)}
+
+    # The operators: subclasses build them.
+    def build_student(self) -> LinearPhysics:
+        raise NotImplementedError
+
+    def build_teacher(self) -> LinearPhysics:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        """A one-line summary of the student/teacher pair."""
+        raise NotImplementedError
+
+
+def power_norm(physics: LinearPhysics, shape: tuple[int, ...], iterations: int = 200) -> float:
+    """‖AᵀA‖₂, the largest eigenvalue of AᵀA, by the power method (deterministic start).
+
+    :param physics: the linear operator A.
+    :param shape: the image shape ``(C, H, W)``.
+    :param iterations: maximum number of power iterations (stops at relative change < 1e-7).
+    """
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn((1, *shape), generator=generator, dtype=torch.float64)
+    x = x / x.norm()
+    value = 0.0
+    with torch.no_grad():
+        for _ in range(iterations):
+            y = physics.A_adjoint(physics.A(x.float())).double()
+            new = float((x * y).sum())
+            x = y / y.norm()
+            if abs(new - value) <= 1e-7 * abs(new):
+                value = new
+                break
+            value = new
+    return value
+
+
+def measure(physics: LinearPhysics, x: torch.Tensor, seed: int | None = None, offset: int = 0) -> torch.Tensor:
+    """Noisy measurements ``physics.noise_model(physics.A(x))``.
+
+    With ``seed``, image ``i`` of the batch gets the noise drawn from seed ``seed + offset + i``:
+    the noise of an image does not depend on how the images were batched.
+    """
+    clean = physics.A(x)
+    if seed is None:
+        return physics.noise_model(clean)
+    return torch.cat([physics.noise_model(clean[i:i + 1], seed=seed + offset + i) for i in range(len(clean))])
+
+
+class Task:
+    """A student/teacher pair of operators with everything needed to run them.
+
+    Attributes:
+        config: the :class:`TaskConfig` it was built from.
+        student, teacher: the two ``deepinv.physics.LinearPhysics`` (noise model included).
+        image_shape: ``(C, H, W)`` of the images.
+    """
+
+    def __init__(self, config: TaskConfig):
+        config.validate()
+        self.config = config
+        self.name = config.name
+        self.image_shape = (config.channels, config.image_size, config.image_size)
+        self.student = config.build_student()
+        self.teacher = config.build_teacher()
+        for physics in (self.student, self.teacher):
+            physics.noise_model = GaussianNoise(
+                sigma=self.noise_sigma_for(physics), rng=torch.Generator().manual_seed(config.seed)
+            )
+
+    def noise_sigma_for(self, physics: LinearPhysics) -> float:
+        """The noise std in the measurement units of ``physics`` (see :attr:`noise_scale`)."""
+        return self.config.noise_sigma * getattr(physics, "noise_scale", 1.0)
+
+    def __repr__(self) -> str:
+        return f"Task({self.name}: {self.config.describe()})"
+
+    # Step sizes ------------------------------------------------------------------------------
+    @cached_property
+    def student_norm(self) -> float:
+        """‖A_sᵀA_s‖ by the power method."""
+        return power_norm(self.student, self.image_shape)
+
+    @cached_property
+    def teacher_norm(self) -> float:
+        """‖A_tᵀA_t‖ by the power method."""
+        return power_norm(self.teacher, self.image_shape)
+
+    @property
+    def student_step_size(self) -> float:
+        """γ_s: the configured one, else 1/‖A_sᵀA_s‖."""
+        return self.config.student_step_size or 1.0 / self.student_norm
+
+    @property
+    def teacher_step_size(self) -> float:
+        """γ_t: the configured one, else 1/‖A_tᵀA_t‖."""
+        return self.config.teacher_step_size or 1.0 / self.teacher_norm
+
+    # Data -------------------------------------------------------------------------------------
+    @property
+    def dataset(self) -> str:
+        return self.config.dataset or self.config.default_dataset
+
+    def images(self, split: str, limit: int | None = None) -> torch.Tensor:
+        """The images of a split, ``(N, C, H, W)`` in [0, 1], checked against the task's shape."""
+        from d2gp.data import load_images
+
+        images = load_images(
+            self.dataset, split, image_size=self.config.image_size,
+            root=self.config.data_root, seed=self.config.seed,
+        )
+        images = self.check_images(images, what=f"dataset {self.dataset!r} ({split})")
+        return images[:limit] if limit is not None else images
+
+    def check_images(self, images: torch.Tensor, what: str = "images") -> torch.Tensor:
+        """Return ``images`` as float32 ``(N, C, H, W)``, or raise :class:`TaskError`."""
+        if not isinstance(images, torch.Tensor):
+            raise TaskError(f"{what}: expected a torch.Tensor, got {type(images).__name__}")
+        if images.dim() == 3:
+            images = images.unsqueeze(0)
+        if images.dim() != 4 or tuple(images.shape[1:]) != self.image_shape:
+            raise TaskError(
+                f"{what}: task {self.name!r} expects images of shape (N, {', '.join(map(str, self.image_shape))}), "
+                f"got {tuple(images.shape)}"
+            )
+        return images.float()
+
+    # Measurements -----------------------------------------------------------------------------
+    def measure(self, x: torch.Tensor, seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Noisy student and teacher measurements ``(y_s, y_t)`` of the images ``x``.
+
+        With ``seed`` the noise is reproducible (see :func:`measure`); without, each
+        operator's noise generator (seeded by ``config.seed``) goes on from where it stands.
+        """
+        x = self.check_images(x)
+        return measure(self.student, x, seed), measure(self.teacher, x, seed)
+
+    # Denoiser ---------------------------------------------------------------------------------
+    def denoiser(self) -> torch.nn.Module:
+        """The PnP denoiser: the configured weights file, else the one shipped for this task."""
+        from d2gp.denoisers import load_denoiser
+
+        model = load_denoiser(self.config.denoiser or self.name, channels=self.image_shape[0])
+        return model
