@@ -9,16 +9,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
-import json
-import os
-import platform
 import sys
 from pathlib import Path
 
 import torch
 
 from d2gp.checkpoints import CheckpointError, write_json
+from d2gp.reports import environment
 from d2gp.tasks import TASKS, TaskError, make_task, task_config
 
 __all__ = ["main", "build_parser"]
@@ -52,20 +49,6 @@ def _add_task_arguments(parser: argparse.ArgumentParser) -> None:
 def _task_from_args(args: argparse.Namespace):
     overrides = {k[len("task_"):]: v for k, v in vars(args).items() if k.startswith("task_") and v is not None}
     return make_task(args.task, **overrides)
-
-
-def _environment() -> dict:
-    import deepinv
-
-    return {
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "command": "d2gp " + " ".join(sys.argv[1:]),
-        "machine": f"{platform.node()} {platform.machine()} {platform.processor() or ''}".strip(),
-        "cpu_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "deepinv": deepinv.__version__,
-    }
 
 
 def _iteration_list(text: str, iterations: int) -> list[int]:
@@ -121,8 +104,8 @@ def cmd_reconstruct(args: argparse.Namespace) -> None:
     print(markdown_table(header, rows))
     write_table(header, rows, out / "table")
     write_json({"config": task.config.to_dict(), "cli": {k: v for k, v in vars(args).items() if k != "func"},
-                "environment": _environment()}, out / "config.json")
-    write_json({"task": task.name, "split": args.split, "images": len(images),
+                "environment": environment()}, out / "config.json")
+    write_json({"task": task.name, "dataset": task.dataset, "split": args.split, "images": len(images),
                 "step_size": {"student": task.student_step_size, "teacher": task.teacher_step_size},
                 "seconds": {run.label: run.seconds for run in runs},
                 "runs": [run.summary() for run in runs]}, out / "results.json")
@@ -150,7 +133,7 @@ def cmd_train_denoiser(args: argparse.Namespace) -> None:
         train, val, depth=args.depth, features=args.features, sigma_min=args.sigma_min, sigma_max=args.sigma_max,
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, checkpoint_path=checkpoint)
     training = {"task": task.config.to_dict(), "cli": {k: v for k, v in vars(args).items() if k != "func"},
-                "environment": _environment(), "history": history}
+                "environment": environment(), "history": history}
     save_denoiser(model, out, training)
     write_json(training, out.with_suffix(".json"))
     checkpoint.unlink(missing_ok=True)

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import csv
+import datetime
 import io
 import os
+import platform
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
 from d2gp.checkpoints import atomic_write_text
 
-__all__ = ["markdown_table", "write_table"]
+__all__ = ["markdown_table", "write_table", "environment"]
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -29,3 +32,31 @@ def write_table(header: Sequence[str], rows: Sequence[Sequence[Any]], stem: str 
     writer.writerow(header)
     writer.writerows(rows)
     atomic_write_text(buffer.getvalue(), stem.with_suffix(".csv"))
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def environment() -> dict:
+    """What produced a result: command line, date, machine, thread count and library versions."""
+    import deepinv
+    import torch
+
+    program = Path(sys.argv[0]).name
+    program = "d2gp" if program in ("d2gp", "__main__.py") else f"python {sys.argv[0]}"
+    return {
+        "command": " ".join([program, *sys.argv[1:]]),
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "machine": f"{_cpu_model()}, {os.cpu_count()} CPUs, {platform.system()} {platform.machine()}",
+        "cpu_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "deepinv": deepinv.__version__,
+    }

@@ -45,7 +45,7 @@ class TaskConfig:
     noise_sigma: float = spec(0.01, "std of the additive Gaussian noise on the measurements")
     dataset: str = spec("", "dataset name (see `d2gp datasets`); empty = the task's embedded default")
     data_root: str | None = spec(None, "folder of the user's files for a real dataset")
-    seed: int = spec(0, "seed of the data split (and of random operator parts)")
+    data_seed: int = spec(0, "seed of the data split and of the operators' noise generators")
     student_step_size: float | None = spec(None, "student step size γ; default 1/‖AᵀA‖ (power method)")
     teacher_step_size: float | None = spec(None, "teacher step size γ; default 1/‖AᵀA‖ (power method)")
     denoiser: str | None = spec(None, "path of a DnCNN weights file; default: the shipped one")
@@ -131,7 +131,7 @@ class Task:
         self.teacher = config.build_teacher()
         for physics in (self.student, self.teacher):
             physics.noise_model = GaussianNoise(
-                sigma=self.noise_sigma_for(physics), rng=torch.Generator().manual_seed(config.seed)
+                sigma=self.noise_sigma_for(physics), rng=torch.Generator().manual_seed(config.data_seed)
             )
 
     def noise_sigma_for(self, physics: LinearPhysics) -> float:
@@ -173,10 +173,21 @@ class Task:
 
         images = load_images(
             self.dataset, split, image_size=self.config.image_size,
-            root=self.config.data_root, seed=self.config.seed,
+            root=self.config.data_root, seed=self.config.data_seed,
         )
+        images = self.match_channels(images)
         images = self.check_images(images, what=f"dataset {self.dataset!r} ({split})")
         return images[:limit] if limit is not None else images
+
+    def match_channels(self, images: torch.Tensor) -> torch.Tensor:
+        """Grey → RGB by replication, RGB → grey by luminance (ITU-R BT.601), else unchanged."""
+        want, have = self.image_shape[0], images.shape[1]
+        if want == 3 and have == 1:
+            return images.expand(-1, 3, -1, -1).contiguous()
+        if want == 1 and have == 3:
+            weights = torch.tensor([0.299, 0.587, 0.114], dtype=images.dtype).view(1, 3, 1, 1)
+            return (images * weights).sum(1, keepdim=True)
+        return images
 
     def check_images(self, images: torch.Tensor, what: str = "images") -> torch.Tensor:
         """Return ``images`` as float32 ``(N, C, H, W)``, or raise :class:`TaskError`."""
@@ -196,7 +207,7 @@ class Task:
         """Noisy student and teacher measurements ``(y_s, y_t)`` of the images ``x``.
 
         With ``seed`` the noise is reproducible (see :func:`measure`); without, each
-        operator's noise generator (seeded by ``config.seed``) goes on from where it stands.
+        operator's noise generator (seeded by ``config.data_seed``) goes on from where it stands.
         """
         x = self.check_images(x)
         return measure(self.student, x, seed), measure(self.teacher, x, seed)

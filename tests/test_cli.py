@@ -1,0 +1,81 @@
+"""The `d2gp` command end to end on tiny runs, and its one-line errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from d2gp.cli import main
+
+
+def test_help_of_every_subcommand(capsys):
+    for command in ([], ["tasks"], ["datasets"], ["reconstruct"], ["train-denoiser"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*command, "--help"])
+        assert exit_info.value.code == 0
+    assert "--student-ratio" in capsys.readouterr().out
+
+
+def test_console_script_is_installed():
+    out = subprocess.run([sys.executable, "-m", "d2gp.cli", "tasks"], capture_output=True, text=True, check=True).stdout
+    assert "spc:" in out and "mri:" in out and "sr:" in out
+
+
+def test_reconstruct_writes_results(tmp_path, capsys):
+    out = tmp_path / "rec"
+    code = main(["reconstruct", "--task", "spc", "--limit", "4", "-K", "3", "--report", "1,3", "--examples", "2",
+                 "--out", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "| student | 3 |" in printed and "| teacher | 3 |" in printed
+    for name in ("table.md", "table.csv", "results.json", "config.json", "examples.png", "psnr_curves.png"):
+        assert (out / name).is_file(), name
+    results = json.loads((out / "results.json").read_text())
+    assert results["images"] == 4 and len(results["runs"][0]["psnr_per_iteration"]) == 4
+    config = json.loads((out / "config.json").read_text())
+    assert config["config"]["task"] == "spc" and config["environment"]["command"]
+
+
+def test_task_flags_override_defaults(tmp_path, capsys):
+    code = main(["reconstruct", "--task", "spc", "--student-ratio", "0.05", "--limit", "2", "-K", "1",
+                 "--out", str(tmp_path)])
+    assert code == 0
+    assert "student 51/1024" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["reconstruct", "--task", "mri", "--student-ratio", "0.1"], "task 'mri' has no setting student_ratio"),
+    (["reconstruct", "--task", "spc", "--student-ratio", "1.5"], "student_ratio must be in (0, 1)"),
+    (["reconstruct", "--task", "spc", "--dataset", "mnist"], "root"),
+    (["reconstruct", "--task", "spc", "--dataset", "mnist", "--data-root", "/nonexistent/mnist"], "/nonexistent/mnist"),
+    (["reconstruct", "--task", "spc", "--report", "1,50", "-K", "20"], "--report values must lie in [0, 20]"),
+])
+def test_clear_errors(argv, message, capsys, tmp_path):
+    assert main([*argv, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_corrupt_denoiser_file(tmp_path, capsys):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"\x00garbage")
+    assert main(["reconstruct", "--task", "spc", "--denoiser", str(bad), "--limit", "2", "--out", str(tmp_path)]) == 2
+    assert "corrupt" in capsys.readouterr().err
+
+
+def test_train_denoiser_tiny_and_refuses_stale_checkpoint(tmp_path, capsys, monkeypatch):
+    import d2gp.tasks.base as base
+
+    small = torch.rand(16, 1, 32, 32)
+    monkeypatch.setattr(base.Task, "images", lambda self, split, limit=None: small)
+    out = tmp_path / "d.pt"
+    assert main(["train-denoiser", "--task", "spc", "--epochs", "1", "--depth", "3", "--features", "4",
+                 "--batch-size", "8", "--out", str(out)]) == 0
+    assert out.is_file() and out.with_suffix(".json").is_file()
+    assert not (tmp_path / "d.pt.training").exists()
+    (tmp_path / "d.pt.training").write_bytes(b"x")
+    assert main(["train-denoiser", "--task", "spc", "--epochs", "1", "--out", str(out)]) == 2
+    assert "--resume" in capsys.readouterr().err

@@ -1,0 +1,21 @@
+"""README.md must open with the two set-up commands, and CI must run the same test command."""
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _code_blocks(text):
+    return re.findall(r"```(?:bash|sh)?\n(.*?)```", text, flags=re.S)
+
+
+def test_readme_opens_with_two_commands_and_ci_runs_the_second():
+    readme = (ROOT / "README.md").read_text()
+    blocks = _code_blocks(readme)
+    assert len(blocks) >= 2
+    main_job, tests = blocks[0].strip(), blocks[1].strip()
+    assert "pip install" in main_job and "d2gp" in main_job
+    assert "pip install" in tests and "pytest" in tests
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert tests in ci, "'.ci/run' must run the README's test command verbatim"
