@@ -1,6 +1,7 @@
 """The ``d2gp`` command: parses arguments, then calls the library. No logic of its own.
 
-Subcommands: ``tasks``, ``datasets``, ``reconstruct``, ``train-denoiser``. Every task setting
+Subcommands: ``demo``, ``train``, ``evaluate``, ``reconstruct``, ``train-denoiser``, ``tasks``,
+``datasets``. Every task setting
 is a flag (``--student-ratio 0.05``, ``--image-size 128``…), generated from the task
 configuration dataclasses, so the CLI and the Python API cannot drift apart.
 """
@@ -46,9 +47,83 @@ def _add_task_arguments(parser: argparse.ArgumentParser) -> None:
                            metavar=_field_type(f).__name__.upper(), help=f.metadata.get("help", "") + scope)
 
 
+def _task_overrides(args: argparse.Namespace) -> dict:
+    return {k[len("task_"):]: v for k, v in vars(args).items() if k.startswith("task_") and v is not None}
+
+
 def _task_from_args(args: argparse.Namespace):
-    overrides = {k[len("task_"):]: v for k, v in vars(args).items() if k.startswith("task_") and v is not None}
-    return make_task(args.task, **overrides)
+    return make_task(args.task, **_task_overrides(args))
+
+
+# Training settings that get a flag of their own (the others are set by the profile or the API).
+_TRAIN_FLAGS = {
+    "method": "d2gp (distillation) or supervised (L_s only)",
+    "iterations": "unrolled iterations K",
+    "epochs": "training epochs",
+    "batch_size": "images per step",
+    "train_images": "training images used (default: the profile's; 0 = all)",
+    "val_images": "validation images scored after each epoch",
+    "optimizer": "adam or adamw",
+    "lr": "learning rate",
+    "weight_decay": "weight decay (AdamW)",
+    "lambda_gradient": "λ_g, weight of the gradient (cosine) loss",
+    "lambda_imitation": "λ_i, weight of the imitation loss (student vs teacher output)",
+    "lambda_supervised": "λ_s, weight of the supervised loss (output vs ground truth)",
+    "teacher_gradient": "where the teacher gradient is taken: student (its iterates) or teacher (its trajectory)",
+    "unroll": "full (backpropagate all K), checkpoint (same gradients, less memory) or truncated",
+    "truncate": "iterations backpropagated in --unroll truncated",
+    "autocast": "bfloat16 autocast for the denoiser and the NPO",
+    "seed": "random seed",
+    "tensorboard": "also log to TensorBoard (needs the tensorboard package)",
+}
+_NPO_FLAGS = {
+    "width": (int, "NPO channels per block"),
+    "blocks": (int, "NPO ConvNeXt blocks"),
+    "kernel_size": (int, "NPO depthwise kernel size"),
+    "expansion": (int, "NPO MLP expansion factor"),
+    "activation": (str, "NPO activation: relu or gelu"),
+    "use_iterate": (bool, "feed the iterate z_k to the NPO too: P(g, z, k)"),
+}
+
+
+def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    from d2gp.apps import PROFILES
+    from d2gp.training import TrainConfig
+
+    defaults = TrainConfig()
+    group = parser.add_argument_group("training settings")
+    group.add_argument("--profile", choices=list(PROFILES), default="quick",
+                       help="preset of data size and epochs: " + "; ".join(f"{k}: {v}" for k, v in PROFILES.items()))
+    for name, help_text in _TRAIN_FLAGS.items():
+        default = getattr(defaults, name)
+        flag = f"--{name.replace('_', '-')}"
+        if isinstance(default, bool):
+            group.add_argument(flag, dest=f"train_{name}", action=argparse.BooleanOptionalAction, default=None,
+                               help=f"{help_text} (default {default})")
+        else:
+            kind = float if isinstance(default, float) else int if isinstance(default, int) or default is None else str
+            group.add_argument(flag, dest=f"train_{name}", type=kind, default=None, metavar=kind.__name__.upper(),
+                               help=f"{help_text} (default {default})")
+    group = parser.add_argument_group("NPO architecture")
+    for name, (kind, help_text) in _NPO_FLAGS.items():
+        flag = f"--{name.replace('_', '-')}"
+        if kind is bool:
+            group.add_argument(flag, dest=f"npo_{name}", action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            group.add_argument(flag, dest=f"npo_{name}", type=kind, default=None, metavar=kind.__name__.upper(),
+                               help=help_text)
+
+
+def _train_config_from_args(args: argparse.Namespace):
+    from d2gp.apps import PROFILES
+    from d2gp.training import TrainConfig
+
+    settings = dict(PROFILES[args.profile])
+    settings.update({k[len("train_"):]: v for k, v in vars(args).items() if k.startswith("train_") and v is not None})
+    if settings.get("train_images") == 0:
+        settings["train_images"] = None
+    npo = {k[len("npo_"):]: v for k, v in vars(args).items() if k.startswith("npo_") and v is not None}
+    return TrainConfig(task=args.task, task_settings=_task_overrides(args), npo=npo, **settings)
 
 
 def _iteration_list(text: str, iterations: int) -> list[int]:
@@ -118,6 +193,33 @@ def cmd_reconstruct(args: argparse.Namespace) -> None:
     print(f"wrote {out}/ (table.md, table.csv, results.json, config.json, examples.png, psnr_curves.png)")
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    from d2gp.training import train
+
+    config = _train_config_from_args(args)
+    out = Path(args.out or f"runs/{config.task}-{config.method}-seed{config.seed}")
+    summary = train(config, out, resume=args.resume)
+    print(f"best validation PSNR {summary['best_val_psnr']:.2f} dB; wrote {out}/ (best.pt, last.pt, log.csv, config.json)")
+    print(f"evaluate it with: d2gp evaluate {out}")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from d2gp.apps import evaluate_runs
+
+    result = evaluate_runs(args.runs, split=args.split, limit=args.limit, iterations=args.iterations, out=args.out,
+                           batch_size=args.batch_size)
+    print(result["table"])
+    print(f"wrote {result['out']}/ (table.md, table.csv, results.json, examples.png, psnr_curves.png)")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from d2gp.apps import demo
+
+    result = demo(args.out, task=args.task, profile=args.profile, seed=args.seed)
+    print(result["table"])
+    print(f"wrote {result['out']}/ (table.md, table.csv, results.json, examples.png, psnr_curves.png)")
+
+
 def cmd_train_denoiser(args: argparse.Namespace) -> None:
     from d2gp.denoisers import save_denoiser, train_denoiser
 
@@ -148,6 +250,29 @@ def build_parser() -> argparse.ArgumentParser:
         "super-resolution)."))
     parser.add_argument("--threads", type=int, default=None, help="PyTorch CPU threads (default: PyTorch's choice)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="the main job: train D2GP and Supervised NPOs, evaluate, print the table")
+    p.add_argument("--task", choices=list(TASKS), default="spc", help="task (default spc)")
+    p.add_argument("--profile", choices=["quick", "full"], default="quick", help="quick: ~10 min on 2 CPU cores")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/demo", help="output folder; finished runs in it are reused")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("train", help="train an NPO preconditioner (D2GP or Supervised)")
+    _add_task_arguments(p)
+    _add_train_arguments(p)
+    p.add_argument("--out", default=None, help="run directory (default runs/TASK-METHOD-seedSEED)")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="compare trained NPOs with the baseline and the teacher on the test split")
+    p.add_argument("runs", nargs="+", help="run directories of `d2gp train` (same task settings)")
+    p.add_argument("--iterations", "-K", type=int, default=None, help="K (default: the runs' training K); runs to 2K")
+    p.add_argument("--split", default="test", choices=["val", "test"])
+    p.add_argument("--limit", type=int, default=None, help="use only the first N images")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--out", default=None, help="output folder (default RUN/evaluation)")
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("tasks", help="list the tasks, their operators and default settings")
     p.set_defaults(func=cmd_tasks)
@@ -189,10 +314,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     from d2gp.data import DataError
+    from d2gp.training import TrainingError
 
     try:
         args.func(args)
-    except (TaskError, DataError, CheckpointError) as error:
+    except (TaskError, DataError, CheckpointError, TrainingError) as error:
         print(f"d2gp {args.command}: error: {error}", file=sys.stderr)
         return 2
     return 0

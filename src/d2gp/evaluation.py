@@ -117,3 +117,20 @@ def evaluate_solver(
     run.fidelity = (fidelity_sum / len(images)).tolist()
     run.seconds = time.perf_counter() - began
     return run
+
+
+@torch.no_grad()
+def tune_step_size(physics, images: torch.Tensor, denoiser, base_step: float, iterations: int,
+                   factors: Sequence[float] = (0.5, 0.75, 1.0, 1.5, 2.0, 3.0), noise_seed: int = 10_000) -> tuple[float, dict]:
+    """Pick γ = f·base_step, f in ``factors``, with the best mean PSNR at K on ``images`` (a validation split).
+
+    :return: the chosen γ and the PSNR of every tried γ (the tuning record).
+    """
+    record = {}
+    for factor in factors:
+        run = evaluate_solver("tune", physics, images, denoiser, factor * base_step, iterations,
+                              noise_seed=noise_seed, progress=False)
+        value = float(run.psnr[iterations].mean())
+        record[f"{factor * base_step:.6g}"] = value if math.isfinite(value) else float("-inf")
+    best = max(record, key=record.get)
+    return float(best), record

@@ -21,7 +21,8 @@ for inference, with autograd through all K iterations for training. Options:
 * ``checkpoint=True``: per-iteration gradient checkpointing (recompute each iteration in the
   backward pass: memory O(1) in K instead of O(K) activations, same gradients);
 * ``autocast=True``: the denoiser and the preconditioner run under bfloat16 autocast (on the
-  tensors' device); the FISTA arithmetic and the operators stay in float32.
+  tensors' device); the FISTA arithmetic and the operators stay in float32;
+* ``grad_from=j``: truncated backpropagation, autograd only through iterations k ≥ j.
 
 References:
     Beck & Teboulle, "A fast iterative shrinkage-thresholding algorithm", SIAM J. Imaging Sci. 2009.
@@ -87,6 +88,7 @@ def pnp_fista(
     trace: bool = False,
     checkpoint: bool = False,
     autocast: bool = False,
+    grad_from: int = 0,
 ):
     r"""Run K iterations of preconditioned PnP-FISTA from :math:`x_0 = γ A^\top y`.
 
@@ -100,6 +102,8 @@ def pnp_fista(
     :param trace: also return a :class:`Trace`.
     :param checkpoint: gradient checkpointing per iteration (only matters under autograd).
     :param autocast: run the denoiser and the preconditioner under bfloat16 autocast.
+    :param grad_from: truncated backpropagation: iterations ``k < grad_from`` run without
+        autograd, so gradients flow only through the last ``K − grad_from`` iterations.
     :return: ``x_K``, or ``(x_K, trace)`` with ``trace=True``.
 
     :Example:
@@ -134,12 +138,13 @@ def pnp_fista(
     x = gamma * physics.A_adjoint(y) if x0 is None else x0
     z, t = x, 1.0
     record = Trace() if trace else None
-    use_checkpoint = checkpoint and torch.is_grad_enabled()
+    grad_enabled = torch.is_grad_enabled()
     for k in range(iterations):
-        if use_checkpoint:
-            x_new, grad, pgrad, f = torch_checkpoint(step, z, k, use_reentrant=False)
-        else:
-            x_new, grad, pgrad, f = step(z, k)
+        with torch.set_grad_enabled(grad_enabled and k >= grad_from):
+            if checkpoint and torch.is_grad_enabled():
+                x_new, grad, pgrad, f = torch_checkpoint(step, z, k, use_reentrant=False)
+            else:
+                x_new, grad, pgrad, f = step(z, k)
         t_new = (1.0 + math.sqrt(1.0 + 4.0 * t * t)) / 2.0
         z_new = x_new + ((t - 1.0) / t_new) * (x_new - x)
         if record is not None:

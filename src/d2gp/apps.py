@@ -1,0 +1,121 @@
+"""Runnable applications that put the layers together: evaluate trained runs, the demo.
+
+They write their results (tables, JSON with the configuration and environment, figures) into
+an output folder and return the same data; :mod:`d2gp.cli` only parses arguments and calls them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import replace
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from d2gp.checkpoints import CheckpointError, write_json
+from d2gp.evaluation import evaluate_solver, format_mean_std, mean_std, tune_step_size
+from d2gp.plots import image_grid, psnr_curves
+from d2gp.reports import environment, markdown_table, write_table
+from d2gp.tasks import make_task
+from d2gp.training import TrainConfig, load_npo, train
+
+__all__ = ["evaluate_runs", "demo", "PROFILES"]
+
+#: Training profiles: ``quick`` fits the demo's 15-minute CPU budget; ``full`` is for real runs.
+PROFILES = {
+    "quick": dict(train_images=1000, val_images=64, epochs=6),
+    "full": dict(train_images=None, val_images=200, epochs=30),
+}
+
+METHOD_LABELS = {"d2gp": "D2GP", "supervised": "Supervised"}
+
+
+def _run_config(run_dir: Path) -> dict:
+    path = run_dir / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{run_dir} is not a training run directory (no config.json)")
+    return json.loads(path.read_text())
+
+
+def evaluate_runs(run_dirs: Sequence[str | os.PathLike], *, split: str = "test", limit: int | None = None,
+                  iterations: int | None = None, out: str | os.PathLike | None = None, batch_size: int = 64,
+                  examples: int = 6, progress: bool = True) -> dict:
+    """Compare trained NPOs with the student baseline (step tuned on validation) and the teacher.
+
+    Every method runs to 2K iterations (K = the runs' training K unless ``iterations``), so the
+    table shows PSNR at K and whether it holds at 2K. All runs must be of the same task settings.
+    """
+    run_dirs = [Path(d) for d in run_dirs]
+    configs = [_run_config(d) for d in run_dirs]
+    first = configs[0]
+    for d, c in zip(run_dirs[1:], configs[1:]):
+        if c["task"] != first["task"]:
+            raise CheckpointError(f"{d} was trained on other task settings than {run_dirs[0]}: cannot compare them")
+    train_config = TrainConfig.from_dict(first["train"])
+    task = make_task(train_config.task, **train_config.task_settings)
+    K = iterations or train_config.iterations
+    horizon = 2 * K
+    out = Path(out or run_dirs[0] / "evaluation")
+    out.mkdir(parents=True, exist_ok=True)
+    denoiser = task.denoiser()
+    images = task.images(split, limit=limit)
+    val = task.images("val", limit=train_config.val_images)
+
+    tuned, tuning = tune_step_size(task.student, val, denoiser, task.student_step_size, K)
+    methods = [("student baseline", task.student, tuned, None)]
+    labels_seen: dict[str, int] = {}
+    for run_dir in run_dirs:
+        npo, meta = load_npo(run_dir / "best.pt", task)
+        label = METHOD_LABELS.get(meta["method"], meta["method"])
+        labels_seen[label] = labels_seen.get(label, 0) + 1
+        if labels_seen[label] > 1 or sum(1 for c in configs if c["train"]["method"] == meta["method"]) > 1:
+            label = f"{label} ({run_dir.name})"
+        methods.append((label, task.student, task.student_step_size, npo))
+    methods.append(("teacher (upper bound)", task.teacher, task.teacher_step_size, None))
+
+    runs = []
+    for label, physics, step, preconditioner in methods:
+        runs.append(evaluate_solver(label, physics, images, denoiser, step, horizon, preconditioner=preconditioner,
+                                    ssim_at=(K,), batch_size=batch_size, keep_examples=examples, progress=progress))
+    header = ["method", f"PSNR K={K} (dB)", f"SSIM K={K}", f"PSNR 2K={horizon} (dB)", "step size γ", "seconds"]
+    rows = [[run.label, format_mean_std(run.psnr[K]), format_mean_std(run.ssim[K], 3), format_mean_std(run.psnr[horizon]),
+             f"{step:.4g}", f"{run.seconds:.1f}"] for run, (_, _, step, _) in zip(runs, methods)]
+    table = markdown_table(header, rows)
+    write_table(header, rows, out / "table")
+    results = {
+        "task": task.name, "split": split, "images": len(images), "iterations": K, "horizon": horizon,
+        "runs": [str(d) for d in run_dirs], "baseline_step_tuning": {"chosen": tuned, "val_psnr_by_step": tuning},
+        "methods": [{**run.summary(), "step_size": step} for run, (_, _, step, _) in zip(runs, methods)],
+        "environment": environment(),
+    }
+    write_json(results, out / "results.json")
+    grid = {"ground truth": images[:examples], **{run.label: run.examples for run in runs}}
+    captions = {run.label: [f"{v:.1f} dB" for v in run.psnr[K][:examples].tolist()] for run in runs}
+    image_grid(grid, out / "examples.png", captions, title=f"{task.name}: PnP-FISTA, K = {K}")
+    psnr_curves({run.label: run.summary()["psnr_per_iteration"] for run in runs}, out / "psnr_curves.png",
+                title=f"{task.name}: PSNR over iterations (trained for K = {K})", train_iterations=K)
+    return {"table": table, "results": results, "out": str(out)}
+
+
+def demo(out: str | os.PathLike = "runs/demo", task: str = "spc", profile: str = "quick", seed: int = 0,
+         resume: bool = True, progress: bool = True, **overrides) -> dict:
+    """The main job: train D2GP and Supervised NPOs with ``profile``, then evaluate them on the test split.
+
+    Finished runs in ``out`` are reused (``resume``), so an interrupted demo continues where it stopped.
+    """
+    if profile not in PROFILES:
+        raise CheckpointError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
+    out = Path(out)
+    base = TrainConfig(task=task, seed=seed, **{**PROFILES[profile], **overrides})
+    run_dirs = []
+    for method in ("d2gp", "supervised"):
+        config = replace(base, method=method)
+        run_dir = out / method
+        finished = (run_dir / "summary.json").is_file() and json.loads((run_dir / "config.json").read_text())["train"] \
+            == json.loads(json.dumps(config.to_dict()))
+        if not finished:
+            train(config, run_dir, resume=resume and (run_dir / "checkpoint.pt").exists(), progress=progress)
+        run_dirs.append(run_dir)
+    return evaluate_runs(run_dirs, out=out / "evaluation", progress=progress)

@@ -1,0 +1,320 @@
+r"""Bilevel training of the NPO (Algorithm 2 of D2GP): run directories, checkpoints, resume.
+
+One training step on a batch x:
+
+1. measure it with both operators, y_s = A_s x + e, y_t = A_t x + e;
+2. run the teacher's plain PnP-FISTA (no autograd: the teacher has no parameters);
+3. run the student's PnP-FISTA preconditioned by P_θ with autograd through the K iterations
+   (``unroll``: ``full`` backpropagation, ``checkpoint`` — the same gradients with per-iteration
+   recomputation, less memory — or ``truncated``: only the last ``truncate`` iterations);
+4. L = λ_g L_g + λ_i L_i + λ_s L_s (:mod:`d2gp.losses`), one Adam/AdamW step.
+
+``method="supervised"`` trains the same NPO with L_s alone (no teacher).
+
+A run directory holds ``config.json`` (everything needed to reproduce it, with the command,
+machine and date), ``checkpoint.pt`` (the full training state, written atomically after every
+epoch), ``best.pt`` (the NPO with the best validation PSNR), ``log.csv`` and, optionally,
+TensorBoard events. ``resume=True`` continues a killed run from its last epoch and gives the
+same weights as an uninterrupted run. A NaN/Inf loss stops training with a
+:class:`TrainingError`; the last good checkpoint stays intact.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from d2gp.checkpoints import (
+    CheckpointError, atomic_save, atomic_write_text, load_checkpoint, rng_state, seed_everything, set_rng_state,
+    write_json,
+)
+from d2gp.evaluation import evaluate_solver
+from d2gp.losses import TEACHER_GRADIENT_AT, LossWeights, gradient_loss, imitation_loss, supervised_loss
+from d2gp.preconditioners import NPO
+from d2gp.reports import environment
+from d2gp.solver import pnp_fista
+from d2gp.tasks import Task, make_task
+
+__all__ = ["TrainConfig", "TrainingError", "train", "load_npo", "NPO_FORMAT", "METHODS", "UNROLL_MODES"]
+
+NPO_FORMAT = "d2gp-npo"
+_STATE_FORMAT = "d2gp-npo-training"
+METHODS = ("d2gp", "supervised")
+UNROLL_MODES = ("full", "checkpoint", "truncated")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (NaN loss, a run directory that does not match, …)."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (saved as ``config.json`` in the run directory)."""
+
+    task: str = "spc"
+    task_settings: dict[str, Any] = field(default_factory=dict)
+    method: str = "d2gp"
+    iterations: int = 20
+    epochs: int = 6
+    batch_size: int = 32
+    train_images: int | None = 1000
+    val_images: int = 64
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    lambda_gradient: float = 1.0
+    lambda_imitation: float = 300.0
+    lambda_supervised: float = 300.0
+    teacher_gradient: str = "student"
+    unroll: str = "full"
+    truncate: int = 5
+    autocast: bool = False
+    npo: dict[str, Any] = field(default_factory=dict)
+    plateau_patience: int = 2
+    plateau_factor: float = 0.5
+    seed: int = 0
+    tensorboard: bool = False
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise TrainingError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.unroll not in UNROLL_MODES:
+            raise TrainingError(f"unknown unroll mode {self.unroll!r}; choose one of {', '.join(UNROLL_MODES)}")
+        if self.teacher_gradient not in TEACHER_GRADIENT_AT:
+            raise TrainingError(f"teacher_gradient must be one of {', '.join(TEACHER_GRADIENT_AT)}")
+        if self.optimizer not in ("adam", "adamw"):
+            raise TrainingError(f"optimizer must be 'adam' or 'adamw', got {self.optimizer!r}")
+        for name in ("iterations", "epochs", "batch_size", "val_images"):
+            if getattr(self, name) < 1:
+                raise TrainingError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        if self.unroll == "truncated" and not 1 <= self.truncate <= self.iterations:
+            raise TrainingError(f"truncate must be in [1, iterations], got {self.truncate}")
+        if not self.lr > 0:
+            raise TrainingError(f"lr must be > 0, got {self.lr}")
+        self.weights  # validates the λ
+
+    @property
+    def weights(self) -> LossWeights:
+        if self.method == "supervised":
+            return LossWeights(gradient=0.0, imitation=0.0, supervised=self.lambda_supervised or 1.0)
+        return LossWeights(self.lambda_gradient, self.lambda_imitation, self.lambda_supervised)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+# --- NPO weights files --------------------------------------------------------------------------
+def save_npo(npo: NPO, path: str | os.PathLike, task: Task, config: TrainConfig, extra: dict | None = None) -> None:
+    atomic_save({
+        "format": NPO_FORMAT, "task": task.name, "task_config": task.config.to_dict(), "npo": dict(npo.config),
+        "state_dict": {k: v.detach().clone() for k, v in npo.state_dict().items()},
+        "method": config.method, "iterations": config.iterations, "train_config": config.to_dict(), **(extra or {}),
+    }, path)
+
+
+def load_npo(path: str | os.PathLike, task: Task | None = None) -> tuple[NPO, dict]:
+    """Load an NPO weights file; with ``task``, refuse one trained for another task or image channels.
+
+    :return: the NPO (eval mode) and the file's metadata (method, iterations, task_config, …).
+    """
+    data = load_checkpoint(path, NPO_FORMAT, what="NPO weights file")
+    if task is not None:
+        if data["task"] != task.name:
+            raise CheckpointError(f"NPO weights {path} were trained for task {data['task']!r}, not {task.name!r}")
+        channels = data["npo"].get("channels", 1)
+        if channels != task.image_shape[0]:
+            raise CheckpointError(f"NPO weights {path} work on {channels}-channel images, the task has {task.image_shape[0]}")
+    try:
+        npo = NPO(**data["npo"])
+        npo.load_state_dict(data["state_dict"])
+    except (TypeError, RuntimeError) as error:
+        raise CheckpointError(f"NPO weights {path} do not fit the NPO architecture {data['npo']}: {str(error)[:200]}") from None
+    meta = {k: v for k, v in data.items() if k != "state_dict"}
+    return npo.eval(), meta
+
+
+# --- the training loop --------------------------------------------------------------------------
+def _build_optimizer(config: TrainConfig, npo: NPO):
+    cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+    return cls(npo.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+
+
+def _loss(config: TrainConfig, task: Task, npo: NPO, denoiser, x: torch.Tensor, seed: int) -> tuple[torch.Tensor, dict]:
+    """The training loss on one batch and its terms (floats, for the log)."""
+    weights, K = config.weights, config.iterations
+    y_s, y_t = task.measure(x, seed=seed)
+    gamma_s, gamma_t = task.student_step_size, task.teacher_step_size
+    teacher_out = teacher_trace = None
+    if weights.needs_teacher:
+        with torch.no_grad():
+            teacher_out, teacher_trace = pnp_fista(task.teacher, y_t, denoiser, gamma_t, K, trace=True,
+                                                   autocast=config.autocast)
+    grad_from = K - config.truncate if config.unroll == "truncated" else 0
+    student_out, student_trace = pnp_fista(task.student, y_s, denoiser, gamma_s, K, npo, trace=True,
+                                           checkpoint=config.unroll == "checkpoint", autocast=config.autocast,
+                                           grad_from=grad_from)
+    terms: dict[str, torch.Tensor] = {}
+    if weights.gradient > 0:
+        A_s, A_t = task.student, task.teacher
+        if config.teacher_gradient == "student":
+            predicted = student_trace.preconditioned
+            with torch.no_grad():
+                targets = [A_t.A_adjoint(A_t.A(z) - y_t) for z in student_trace.z]
+        else:
+            targets = teacher_trace.grad
+            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=config.autocast):
+                predicted = [npo(A_s.A_adjoint(A_s.A(z) - y_s), k, **({"iterate": z} if npo.uses_iterate else {}))
+                             for k, z in enumerate(teacher_trace.z)]
+        terms["gradient"] = gradient_loss(predicted, targets)
+    if weights.imitation > 0:
+        terms["imitation"] = imitation_loss(student_out, teacher_out)
+    if weights.supervised > 0:
+        terms["supervised"] = supervised_loss(student_out, x)
+    loss = sum(getattr(weights, name) * value for name, value in terms.items())
+    return loss, {name: value.item() for name, value in terms.items()}
+
+
+def _check_run_dir(run_dir: Path, config: TrainConfig, resume: bool) -> None:
+    saved = run_dir / "config.json"
+    if (run_dir / "checkpoint.pt").exists():
+        if not resume:
+            raise TrainingError(f"{run_dir} already holds a training run: pass resume=True (--resume) to continue it, "
+                                f"or choose another directory")
+        if saved.is_file():
+            previous = json.loads(saved.read_text())["train"]
+            if previous != json.loads(json.dumps(config.to_dict())):
+                changed = sorted(k for k in set(previous) | set(config.to_dict())
+                                 if previous.get(k) != json.loads(json.dumps(config.to_dict())).get(k))
+                raise TrainingError(f"cannot resume {run_dir}: its configuration differs in {', '.join(changed)}")
+
+
+def _write_log(history: list[dict], path: Path) -> None:
+    if not history:
+        return
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(history[-1]))
+    writer.writeheader()
+    writer.writerows(history)
+    atomic_write_text(buffer.getvalue(), path)
+
+
+def train(config: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False, progress: bool = True,
+          task: Task | None = None, train_images: torch.Tensor | None = None,
+          val_images: torch.Tensor | None = None) -> dict:
+    """Train an NPO; returns the summary (best validation PSNR, epochs, seconds, paths).
+
+    :param config: the run's settings.
+    :param run_dir: its directory (created).
+    :param resume: continue the run found in ``run_dir``.
+    :param task, train_images, val_images: for tests and the Python API: give them directly
+        instead of building them from ``config`` (the run is then reproducible only with the same ones).
+    """
+    config.validate()
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _check_run_dir(run_dir, config, resume)
+    task = task or make_task(config.task, **config.task_settings)
+    if train_images is None:
+        train_images = task.images("train", limit=config.train_images)
+    if val_images is None:
+        val_images = task.images("val", limit=config.val_images)
+    write_json({"train": config.to_dict(), "task": task.config.to_dict(), "environment": environment(),
+                "data": {"train": len(train_images), "val": len(val_images), "dataset": task.dataset},
+                "step_size": {"student": task.student_step_size, "teacher": task.teacher_step_size}},
+               run_dir / "config.json")
+
+    seed_everything(config.seed)
+    denoiser = task.denoiser().requires_grad_(False)
+    npo = NPO(**{"channels": task.image_shape[0], **config.npo})
+    optimizer = _build_optimizer(config, npo)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=config.plateau_factor,
+                                                           patience=config.plateau_patience)
+    generator = torch.Generator().manual_seed(config.seed)
+    history: list[dict] = []
+    best, start_epoch = -math.inf, 0
+    state_path = run_dir / "checkpoint.pt"
+    if resume and state_path.exists():
+        state = load_checkpoint(state_path, _STATE_FORMAT, what="training checkpoint")
+        npo.load_state_dict(state["npo"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        generator.set_state(state["generator"])
+        set_rng_state(state["rng"])
+        history, best, start_epoch = state["history"], state["best"], state["epoch"]
+
+    writer = _tensorboard(run_dir) if config.tensorboard else None
+    steps = math.ceil(len(train_images) / config.batch_size)
+    began = time.perf_counter()
+    val_psnr = history[-1]["val_psnr"] if history else float("nan")
+    for epoch in range(start_epoch, config.epochs):
+        npo.train()
+        order = torch.randperm(len(train_images), generator=generator)
+        sums: dict[str, float] = {}
+        epoch_began = time.perf_counter()
+        bar = tqdm(range(steps), desc=f"{config.method} {task.name} epoch {epoch + 1}/{config.epochs}",
+                   disable=not progress, leave=False)
+        for step in bar:
+            x = train_images[order[step * config.batch_size:(step + 1) * config.batch_size]]
+            seed = int(torch.randint(2**31 - 1, (1,), generator=generator))
+            loss, terms = _loss(config, task, npo, denoiser, x, seed)
+            if not torch.isfinite(loss):
+                raise TrainingError(
+                    f"the loss became {loss.item()} at epoch {epoch + 1}, step {step + 1} (terms {terms}); "
+                    f"training stopped, the last good checkpoint {state_path} is intact — lower --lr or the λ weights")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            for name, value in {"loss": loss.item(), **terms}.items():
+                sums[name] = sums.get(name, 0.0) + value
+            bar.set_postfix(loss=f"{loss.item():.3g}", val_psnr=f"{val_psnr:.2f}")
+        npo.eval()
+        run = evaluate_solver("val", task.student, val_images, denoiser, task.student_step_size, config.iterations,
+                              preconditioner=npo, progress=False)
+        val_psnr = float(run.psnr[config.iterations].mean())
+        scheduler.step(val_psnr)
+        row = {"epoch": epoch + 1, **{name: value / steps for name, value in sums.items()}, "val_psnr": val_psnr,
+               "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - epoch_began}
+        history.append(row)
+        if val_psnr > best:
+            best = val_psnr
+            save_npo(npo, run_dir / "best.pt", task, config, {"val_psnr": val_psnr, "epoch": epoch + 1})
+        if progress:
+            tqdm.write(f"{config.method} {task.name} epoch {epoch + 1}/{config.epochs}: loss {row['loss']:.4g}, "
+                       f"val PSNR {val_psnr:.2f} dB (best {best:.2f}), {row['seconds']:.0f} s")
+        if writer is not None:
+            for name, value in row.items():
+                writer.add_scalar(name, value, epoch + 1)
+        atomic_save({"format": _STATE_FORMAT, "npo": npo.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "generator": generator.get_state(), "rng": rng_state(),
+                     "history": history, "best": best, "epoch": epoch + 1}, state_path)
+        _write_log(history, run_dir / "log.csv")
+    save_npo(npo, run_dir / "last.pt", task, config, {"val_psnr": val_psnr, "epoch": config.epochs})
+    summary = {"best_val_psnr": best, "final_val_psnr": val_psnr, "epochs": config.epochs,
+               "seconds_this_session": time.perf_counter() - began,
+               "seconds_per_epoch": sum(r["seconds"] for r in history) / max(1, len(history)), "run_dir": str(run_dir)}
+    write_json(summary, run_dir / "summary.json")
+    return summary
+
+
+def _tensorboard(run_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise TrainingError("TensorBoard logging needs the tensorboard package: pip install tensorboard") from None
+    return SummaryWriter(str(run_dir / "tensorboard"))

@@ -1,0 +1,182 @@
+"""Losses and the bilevel training loop on a tiny problem: learning, exact resume, NaN stop, refusals."""
+
+import json
+
+import pytest
+import torch
+
+import d2gp.training as training
+from d2gp.checkpoints import CheckpointError, atomic_save, load_checkpoint
+from d2gp.denoisers import build_dncnn, save_denoiser
+from d2gp.losses import LossWeights, cosine_distance, gradient_loss, imitation_loss, supervised_loss
+from d2gp.solver import pnp_fista
+from d2gp.tasks import make_task
+from d2gp.training import TrainConfig, TrainingError, load_npo, train
+
+
+# --- losses -------------------------------------------------------------------------------------
+def test_losses_zero_when_equal_positive_otherwise():
+    a = torch.randn(3, 1, 8, 8)
+    b = torch.randn(3, 1, 8, 8)
+    assert float(gradient_loss([a, a], [a, 5 * a])) == pytest.approx(0, abs=1e-6)  # scale-free
+    assert float(gradient_loss([a], [b])) > 0.5
+    assert float(gradient_loss([a], [-a])) == pytest.approx(2.0, abs=1e-6)
+    assert float(imitation_loss(a, a)) == 0 and float(imitation_loss(a, b)) > 0
+    assert float(supervised_loss(a, a)) == 0 and float(supervised_loss(a, b)) > 0
+    torch.testing.assert_close(cosine_distance(a, b), cosine_distance(3 * a, 0.1 * b))
+
+
+def test_loss_weights_validation():
+    assert LossWeights(0, 0, 1).needs_teacher is False
+    with pytest.raises(ValueError, match="all loss weights are zero"):
+        LossWeights(0, 0, 0)
+    with pytest.raises(ValueError, match="≥ 0"):
+        LossWeights(-1, 0, 1)
+
+
+def test_truncated_unrolling_stops_gradients():
+    task = make_task("spc", image_size=16)
+    y, _ = task.measure(torch.rand(2, 1, 16, 16), seed=0)
+    scales = torch.nn.Parameter(torch.ones(4))
+    out = pnp_fista(task.student, y, torch.tanh, 1.0, 4, lambda g, k: scales[k] * g, grad_from=2)
+    out.sum().backward()
+    assert torch.all(scales.grad[:2] == 0) and torch.all(scales.grad[2:] != 0)
+
+
+# --- training -----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A 16×16 SPC task with a small fixed denoiser, and 16 + 8 smooth images."""
+    folder = tmp_path_factory.mktemp("tiny")
+    torch.manual_seed(0)
+    denoiser = build_dncnn(1, depth=3, features=8)
+    with torch.no_grad():
+        denoiser.out_conv.weight.mul_(0.1)
+    save_denoiser(denoiser, folder / "dncnn.pt")
+    g = torch.Generator().manual_seed(0)
+    images = torch.nn.functional.avg_pool2d(torch.rand((24, 1, 20, 20), generator=g), 5, stride=1)
+    settings = {"image_size": 16, "denoiser": str(folder / "dncnn.pt")}
+    return {"settings": settings, "train": images[:16], "val": images[16:]}
+
+
+def _config(tiny, **overrides):
+    base = dict(task="spc", task_settings=tiny["settings"], iterations=3, epochs=2, batch_size=8, train_images=16,
+                val_images=8, lr=3e-3, npo={"width": 8, "blocks": 1}, autocast=False, seed=0)
+    return TrainConfig(**{**base, **overrides})
+
+
+def _train(tiny, config, run_dir, **kw):
+    task = make_task(config.task, **config.task_settings)
+    return train(config, run_dir, task=task, train_images=tiny["train"], val_images=tiny["val"], progress=False, **kw)
+
+
+def _fixed_batch_loss(tiny, config, npo):
+    task = make_task(config.task, **config.task_settings)
+    with torch.no_grad():
+        loss, _ = training._loss(config, task, npo, task.denoiser(), tiny["train"], seed=123)
+    return float(loss)
+
+
+@pytest.mark.parametrize("overrides", [
+    {}, {"method": "supervised"}, {"teacher_gradient": "teacher"}, {"unroll": "checkpoint"},
+    {"unroll": "truncated", "truncate": 2}, {"npo": {"width": 8, "blocks": 1, "use_iterate": True}},
+])
+def test_training_lowers_the_loss(tiny, tmp_path, overrides):
+    config = _config(tiny, **overrides)
+    summary = _train(tiny, config, tmp_path / "run")
+    from d2gp.preconditioners import NPO
+
+    fresh = NPO(channels=1, **config.npo)
+    trained, meta = load_npo(tmp_path / "run" / "last.pt", make_task("spc", **config.task_settings))
+    assert meta["method"] == config.method
+    assert _fixed_batch_loss(tiny, config, trained) < _fixed_batch_loss(tiny, config, fresh)
+    for name in ("config.json", "checkpoint.pt", "best.pt", "last.pt", "log.csv", "summary.json"):
+        assert (tmp_path / "run" / name).is_file(), name
+    assert summary["epochs"] == 2
+    assert len((tmp_path / "run" / "log.csv").read_text().strip().splitlines()) == 3
+
+
+def test_resume_after_interruption_gives_the_same_weights(tiny, tmp_path, monkeypatch):
+    config = _config(tiny, epochs=3)
+    _train(tiny, config, tmp_path / "straight")
+
+    calls = {"n": 0}
+    original = training.evaluate_solver
+
+    def dies_in_second_validation(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt  # killed during epoch 2
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(training, "evaluate_solver", dies_in_second_validation)
+    with pytest.raises(KeyboardInterrupt):
+        _train(tiny, config, tmp_path / "killed")
+    monkeypatch.setattr(training, "evaluate_solver", original)
+    assert load_checkpoint(tmp_path / "killed" / "checkpoint.pt")["epoch"] == 1
+    with pytest.raises(TrainingError, match="resume"):
+        _train(tiny, config, tmp_path / "killed")
+    _train(tiny, config, tmp_path / "killed", resume=True)
+
+    a = load_checkpoint(tmp_path / "straight" / "last.pt")["state_dict"]
+    b = load_checkpoint(tmp_path / "killed" / "last.pt")["state_dict"]
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    log = (tmp_path / "killed" / "log.csv").read_text().strip().splitlines()
+    assert len(log) == 4
+
+
+def test_resume_with_other_settings_is_refused(tiny, tmp_path):
+    _train(tiny, _config(tiny, epochs=1), tmp_path / "run")
+    with pytest.raises(TrainingError, match="differs in lr"):
+        _train(tiny, _config(tiny, epochs=1, lr=1e-2), tmp_path / "run", resume=True)
+
+
+def test_nan_loss_stops_with_last_checkpoint_intact(tiny, tmp_path, monkeypatch):
+    original = training._loss
+    calls = {"n": 0}
+
+    def nan_in_epoch_two(*args, **kwargs):
+        calls["n"] += 1
+        loss, terms = original(*args, **kwargs)
+        return (loss * float("nan"), terms) if calls["n"] > 2 else (loss, terms)
+
+    monkeypatch.setattr(training, "_loss", nan_in_epoch_two)
+    with pytest.raises(TrainingError, match="last good checkpoint"):
+        _train(tiny, _config(tiny), tmp_path / "run")
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["epoch"] == 1
+
+
+def test_foreign_checkpoints_are_refused(tiny, tmp_path):
+    _train(tiny, _config(tiny, epochs=1), tmp_path / "run")
+    best = tmp_path / "run" / "best.pt"
+    with pytest.raises(CheckpointError, match="trained for task 'spc', not 'sr'"):
+        load_npo(best, make_task("sr"))
+    data = load_checkpoint(best)
+    data["npo"]["width"] = 16
+    atomic_save(data, tmp_path / "other_arch.pt")
+    with pytest.raises(CheckpointError, match="do not fit the NPO architecture"):
+        load_npo(tmp_path / "other_arch.pt")
+    with pytest.raises(CheckpointError, match="not a d2gp-npo file"):
+        load_npo(tmp_path / "run" / "checkpoint.pt")
+    (tmp_path / "broken.pt").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_npo(tmp_path / "broken.pt")
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"method": "magic"}, "unknown method"), ({"unroll": "half"}, "unknown unroll"),
+    ({"teacher_gradient": "both"}, "teacher_gradient"), ({"unroll": "truncated", "truncate": 9}, "truncate"),
+    ({"lr": 0.0}, "lr"),
+    ({"lambda_gradient": 0.0, "lambda_imitation": 0.0, "lambda_supervised": 0.0}, "all loss weights are zero"),
+])
+def test_bad_training_settings(tiny, tmp_path, overrides, message):
+    with pytest.raises((TrainingError, ValueError), match=message):
+        _train(tiny, _config(tiny, **overrides), tmp_path / "run")
+
+
+def test_config_is_saved_next_to_the_run(tiny, tmp_path):
+    _train(tiny, _config(tiny, epochs=1), tmp_path / "run")
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["train"]["iterations"] == 3 and saved["task"]["image_size"] == 16
+    assert saved["environment"]["torch"] and saved["data"]["train"] == 16
