@@ -9,13 +9,11 @@ Measures the median wall time of a forward pass (inference) and of a forward+bac
 import argparse
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
 from d2gp.denoisers import build_dncnn
-from d2gp.reports import environment, markdown_table, write_table
-from d2gp.checkpoints import write_json
+from d2gp.reports import markdown_table, write_results
 
 SHAPES = {"spc": (1, 32, 32), "mri": (1, 64, 64), "sr": (3, 64, 64)}
 ARCHITECTURES = {"paper 20×64": (20, 64), "d2gp 7×32": (7, 32)}
@@ -58,10 +56,7 @@ def main():
     header = ["task", "DnCNN", "parameters", f"forward, batch {args.batch} (ms)", "forward+backward (ms)",
               "speed-up vs paper"]
     print(markdown_table(header, rows))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_table(header, rows, out / "table")
-    write_json({"environment": environment(), "args": vars(args), "results": results}, out / "results.json")
+    write_results(args.out, header, rows, {"args": vars(args), "results": results})
 
 
 if __name__ == "__main__":

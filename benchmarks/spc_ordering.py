@@ -7,13 +7,10 @@ denoiser, K = 20, and the linear estimate Aᵀy (k = 0), mean ± std over the va
 """
 
 import argparse
-from pathlib import Path
-
 import torch
 
-from d2gp.checkpoints import write_json
 from d2gp.evaluation import evaluate_solver, format_mean_std, mean_std
-from d2gp.reports import environment, markdown_table, write_table
+from d2gp.reports import markdown_table, write_results
 from d2gp.tasks import make_task
 from d2gp.tasks.spc import ORDERINGS
 
@@ -44,11 +41,7 @@ def main():
     print(markdown_table(header, rows))
     best = max(results, key=lambda r: r["student"][f"K={args.iterations}"][0])["ordering"]
     print(f"best student ordering on validation: {best}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_table(header, rows, out / "table")
-    write_json({"environment": environment(), "args": vars(args), "split": "val", "best": best,
-                "results": results}, out / "results.json")
+    write_results(args.out, header, rows, {"args": vars(args), "split": "val", "best": best, "results": results})
 
 
 if __name__ == "__main__":

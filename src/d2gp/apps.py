@@ -12,12 +12,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
-import torch
-
-from d2gp.checkpoints import CheckpointError, write_json
-from d2gp.evaluation import evaluate_solver, format_mean_std, mean_std, tune_step_size
+from d2gp.checkpoints import CheckpointError
+from d2gp.evaluation import evaluate_solver, format_mean_std, tune_step_size
 from d2gp.plots import image_grid, psnr_curves
-from d2gp.reports import environment, markdown_table, write_table
+from d2gp.reports import markdown_table, write_results
 from d2gp.tasks import make_task
 from d2gp.training import TrainConfig, load_npo, train
 
@@ -82,21 +80,18 @@ def evaluate_runs(run_dirs: Sequence[str | os.PathLike], *, split: str = "test",
     header = ["method", f"PSNR K={K} (dB)", f"SSIM K={K}", f"PSNR 2K={horizon} (dB)", "step size γ", "seconds"]
     rows = [[run.label, format_mean_std(run.psnr[K]), format_mean_std(run.ssim[K], 3), format_mean_std(run.psnr[horizon]),
              f"{step:.4g}", f"{run.seconds:.1f}"] for run, (_, _, step, _) in zip(runs, methods)]
-    table = markdown_table(header, rows)
-    write_table(header, rows, out / "table")
     results = {
         "task": task.name, "split": split, "images": len(images), "iterations": K, "horizon": horizon,
         "runs": [str(d) for d in run_dirs], "baseline_step_tuning": {"chosen": tuned, "val_psnr_by_step": tuning},
         "methods": [{**run.summary(), "step_size": step} for run, (_, _, step, _) in zip(runs, methods)],
-        "environment": environment(),
     }
-    write_json(results, out / "results.json")
+    write_results(out, header, rows, results)
     grid = {"ground truth": images[:examples], **{run.label: run.examples for run in runs}}
     captions = {run.label: [f"{v:.1f} dB" for v in run.psnr[K][:examples].tolist()] for run in runs}
     image_grid(grid, out / "examples.png", captions, title=f"{task.name}: PnP-FISTA, K = {K}")
     psnr_curves({run.label: run.summary()["psnr_per_iteration"] for run in runs}, out / "psnr_curves.png",
                 title=f"{task.name}: PSNR over iterations (trained for K = {K})", train_iterations=K)
-    return {"table": table, "results": results, "out": str(out)}
+    return {"table": markdown_table(header, rows), "results": results, "out": str(out)}
 
 
 def demo(out: str | os.PathLike = "runs/demo", task: str = "spc", profile: str = "quick", seed: int = 0,

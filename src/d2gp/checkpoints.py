@@ -25,7 +25,7 @@ import torch
 
 __all__ = [
     "CheckpointError", "atomic_save", "atomic_write_text", "write_json", "load_checkpoint",
-    "rng_state", "set_rng_state", "seed_everything",
+    "rng_state", "set_rng_state", "seed_everything", "save_training_state", "restore_training_state",
 ]
 
 
@@ -102,3 +102,23 @@ def rng_state() -> dict:
 def set_rng_state(state: dict) -> None:
     """Restore what :func:`rng_state` returned."""
     torch.set_rng_state(state["torch"])
+
+
+def save_training_state(path: str | os.PathLike, format: str, model, optimizer, scheduler, generator: torch.Generator,
+                        **extra: Any) -> None:
+    """Atomically save everything a training loop needs to resume exactly (plus ``extra`` entries)."""
+    atomic_save({"format": format, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(), "generator": generator.get_state(), "rng": rng_state(),
+                 **extra}, path)
+
+
+def restore_training_state(path: str | os.PathLike, format: str, model, optimizer, scheduler,
+                           generator: torch.Generator, what: str = "training checkpoint") -> dict:
+    """Load what :func:`save_training_state` wrote into the given objects; return the whole state dict."""
+    state = load_checkpoint(path, format, what=what)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    generator.set_state(state["generator"])
+    set_rng_state(state["rng"])
+    return state

@@ -17,7 +17,7 @@ import torch
 
 from d2gp.checkpoints import CheckpointError, write_json
 from d2gp.reports import environment
-from d2gp.tasks import TASKS, TaskError, make_task, task_config
+from d2gp.tasks import TASKS, TaskError, make_task
 
 __all__ = ["main", "build_parser"]
 
@@ -126,7 +126,9 @@ def _train_config_from_args(args: argparse.Namespace):
     return TrainConfig(task=args.task, task_settings=_task_overrides(args), npo=npo, **settings)
 
 
-def _iteration_list(text: str, iterations: int) -> list[int]:
+def _iteration_list(text: str | None, iterations: int) -> list[int]:
+    if text is None:  # the default: the usual checkpoints that fit in K
+        return sorted({k for k in (1, 2, 5, 10, 20) if k <= iterations} | {iterations})
     try:
         ks = sorted({int(v) for v in text.split(",") if v.strip()} | {iterations})
     except ValueError:
@@ -157,7 +159,7 @@ def cmd_datasets(args: argparse.Namespace) -> None:
 def cmd_reconstruct(args: argparse.Namespace) -> None:
     from d2gp.evaluation import evaluate_solver, format_mean_std
     from d2gp.plots import image_grid, psnr_curves
-    from d2gp.reports import markdown_table, write_table
+    from d2gp.reports import markdown_table, write_results
 
     task = _task_from_args(args)
     ks = _iteration_list(args.report, args.iterations)
@@ -167,23 +169,29 @@ def cmd_reconstruct(args: argparse.Namespace) -> None:
     out.mkdir(parents=True, exist_ok=True)
     print(f"{task!r}\n{len(images)} {args.split} images from {task.dataset!r}, K = {args.iterations}, "
           f"γ_student = {task.student_step_size:.4g}, γ_teacher = {task.teacher_step_size:.4g}")
-    runs = []
-    for label, physics, step in (("student", task.student, task.student_step_size),
-                                 ("teacher", task.teacher, task.teacher_step_size)):
-        runs.append(evaluate_solver(label, physics, images, denoiser, step, args.iterations, ssim_at=ks,
-                                    noise_seed=args.noise_seed, batch_size=args.batch_size,
-                                    keep_examples=args.examples))
+    methods = [("student", task.student, task.student_step_size, None)]
+    if args.preconditioner != "identity":
+        from d2gp.training import load_npo
+
+        npo, meta = load_npo(args.preconditioner, task)
+        methods.append((f"student + {meta['method']} NPO", task.student, task.student_step_size, npo))
+        if meta["task_config"] != task.config.to_dict():
+            print(f"note: the NPO was trained with other task settings ({meta['task_config']})")
+    methods.append(("teacher", task.teacher, task.teacher_step_size, None))
+    runs = [evaluate_solver(label, physics, images, denoiser, step, args.iterations, preconditioner=preconditioner,
+                            ssim_at=ks, noise_seed=args.noise_seed, batch_size=args.batch_size,
+                            keep_examples=args.examples)
+            for label, physics, step, preconditioner in methods]
 
     rows = [[run.label, k, format_mean_std(run.psnr[k]), format_mean_std(run.ssim[k], 3)] for run in runs for k in ks]
     header = ["method", "k", "PSNR (dB)", "SSIM"]
     print(markdown_table(header, rows))
-    write_table(header, rows, out / "table")
     write_json({"config": task.config.to_dict(), "cli": {k: v for k, v in vars(args).items() if k != "func"},
                 "environment": environment()}, out / "config.json")
-    write_json({"task": task.name, "dataset": task.dataset, "split": args.split, "images": len(images),
-                "step_size": {"student": task.student_step_size, "teacher": task.teacher_step_size},
-                "seconds": {run.label: run.seconds for run in runs},
-                "runs": [run.summary() for run in runs]}, out / "results.json")
+    write_results(out, header, rows, {
+        "task": task.name, "dataset": task.dataset, "split": args.split, "images": len(images),
+        "step_size": {"student": task.student_step_size, "teacher": task.teacher_step_size},
+        "seconds": {run.label: run.seconds for run in runs}, "runs": [run.summary() for run in runs]})
     examples = images[: args.examples]
     grid = {"ground truth": examples, **{run.label: run.examples for run in runs}}
     captions = {run.label: [f"{v:.1f} dB" for v in run.psnr[args.iterations][: args.examples].tolist()] for run in runs}
@@ -283,7 +291,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reconstruct", help="PnP-FISTA with the student and the teacher operators on a split")
     _add_task_arguments(p)
     p.add_argument("--iterations", "-K", type=int, default=20, help="number of iterations K (default 20)")
-    p.add_argument("--report", default="1,2,5,10,20", help="iterations at which to report PSNR/SSIM (default 1,2,5,10,20)")
+    p.add_argument("--preconditioner", default="identity",
+                   help="student preconditioner: identity (default), d2gp or supervised (the NPOs shipped for the "
+                        "default tasks), a weights file or a `d2gp train` run directory")
+    p.add_argument("--report", default=None,
+                   help="comma-separated iterations at which to report PSNR/SSIM (default 1,2,5,10,20 up to K, and K)")
     p.add_argument("--split", default="test", choices=["train", "val", "test"], help="data split (default test)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N images")
     p.add_argument("--batch-size", type=int, default=64)

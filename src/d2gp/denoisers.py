@@ -30,7 +30,9 @@ import torch
 from deepinv.models import DnCNN
 from tqdm.auto import tqdm
 
-from d2gp.checkpoints import CheckpointError, atomic_save, load_checkpoint, rng_state, seed_everything, set_rng_state
+from d2gp.checkpoints import (
+    CheckpointError, atomic_save, load_checkpoint, restore_training_state, save_training_state, seed_everything,
+)
 
 __all__ = [
     "DENOISER_FORMAT", "build_dncnn", "load_denoiser", "save_denoiser", "shipped_denoiser_path",
@@ -169,12 +171,8 @@ def train_denoiser(
     history: dict[str, Any] = {"epoch": [], "loss": [], "val_psnr_0.05": [], "seconds": []}
     start_epoch = 0
     if checkpoint_path is not None and Path(checkpoint_path).is_file():
-        state = load_checkpoint(checkpoint_path, _CHECKPOINT_FORMAT, what="denoiser training checkpoint")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        generator.set_state(state["generator"])
-        set_rng_state(state["rng"])
+        state = restore_training_state(checkpoint_path, _CHECKPOINT_FORMAT, model, optimizer, scheduler, generator,
+                                       what="denoiser training checkpoint")
         history, start_epoch = state["history"], state["epoch"]
 
     for epoch in range(start_epoch, epochs):
@@ -203,9 +201,8 @@ def train_denoiser(
             tqdm.write(f"epoch {epoch + 1}/{epochs}: loss {history['loss'][-1]:.3e}, "
                        f"val PSNR at σ=0.05 {history['val_psnr_0.05'][-1]:.2f} dB")
         if checkpoint_path is not None:
-            atomic_save({"format": _CHECKPOINT_FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scheduler": scheduler.state_dict(), "generator": generator.get_state(), "rng": rng_state(),
-                         "history": history, "epoch": epoch + 1}, checkpoint_path)
+            save_training_state(checkpoint_path, _CHECKPOINT_FORMAT, model, optimizer, scheduler, generator,
+                                history=history, epoch=epoch + 1)
     model.eval()
     history["val_psnr"] = {f"{s:g}": denoiser_psnr(model, val_images, s) for s in (0.01, 0.05, 0.1, 0.2)}
     return model, history

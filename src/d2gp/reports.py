@@ -11,9 +11,9 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from d2gp.checkpoints import atomic_write_text
+from d2gp.checkpoints import atomic_write_text, write_json
 
-__all__ = ["markdown_table", "write_table", "environment"]
+__all__ = ["markdown_table", "write_table", "write_results", "environment"]
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -57,6 +57,15 @@ def environment() -> dict:
         "machine": f"{_cpu_model()}, {os.cpu_count()} CPUs, {platform.system()} {platform.machine()}",
         "cpu_threads": torch.get_num_threads(),
         "python": platform.python_version(),
-        "torch": torch.__version__,
-        "deepinv": deepinv.__version__,
+        "torch": str(torch.__version__),
+        "deepinv": str(deepinv.__version__),
     }
+
+
+def write_results(out: str | os.PathLike, header: Sequence[str], rows: Sequence[Sequence[Any]], results: dict) -> Path:
+    """Print nothing; write ``out/table.md``, ``out/table.csv`` and ``out/results.json`` (with :func:`environment`)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_table(header, rows, out / "table")
+    write_json({"environment": environment(), **results}, out / "results.json")
+    return out

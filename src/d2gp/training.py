@@ -36,8 +36,8 @@ import torch
 from tqdm.auto import tqdm
 
 from d2gp.checkpoints import (
-    CheckpointError, atomic_save, atomic_write_text, load_checkpoint, rng_state, seed_everything, set_rng_state,
-    write_json,
+    CheckpointError, atomic_save, atomic_write_text, load_checkpoint, restore_training_state, save_training_state,
+    seed_everything, write_json,
 )
 from d2gp.evaluation import evaluate_solver
 from d2gp.losses import TEACHER_GRADIENT_AT, LossWeights, gradient_loss, imitation_loss, supervised_loss
@@ -46,7 +46,8 @@ from d2gp.reports import environment
 from d2gp.solver import pnp_fista
 from d2gp.tasks import Task, make_task
 
-__all__ = ["TrainConfig", "TrainingError", "train", "load_npo", "NPO_FORMAT", "METHODS", "UNROLL_MODES"]
+__all__ = ["TrainConfig", "TrainingError", "train", "load_npo", "save_npo", "shipped_npo_path", "NPO_FORMAT", "METHODS",
+           "UNROLL_MODES"]
 
 NPO_FORMAT = "d2gp-npo"
 _STATE_FORMAT = "d2gp-npo-training"
@@ -128,11 +129,28 @@ def save_npo(npo: NPO, path: str | os.PathLike, task: Task, config: TrainConfig,
     }, path)
 
 
-def load_npo(path: str | os.PathLike, task: Task | None = None) -> tuple[NPO, dict]:
-    """Load an NPO weights file; with ``task``, refuse one trained for another task or image channels.
+def shipped_npo_path(task: str, method: str = "d2gp") -> Path:
+    """Where the NPO trained with ``method`` for the default ``task`` lies inside the package."""
+    from importlib import resources
 
+    return Path(str(resources.files("d2gp") / "weights" / f"npo_{task}_{method}.pt"))
+
+
+def load_npo(source: str | os.PathLike, task: Task | None = None) -> tuple[NPO, dict]:
+    """Load an NPO; with ``task``, refuse one trained for another task or image channels.
+
+    :param source: a weights file, a training run directory (its ``best.pt``), or — with
+        ``task`` — a method name (``"d2gp"``, ``"supervised"``) for the weights shipped for it.
     :return: the NPO (eval mode) and the file's metadata (method, iterations, task_config, …).
     """
+    path = Path(source)
+    if str(source) in METHODS and task is not None and not path.exists():
+        path = shipped_npo_path(task.name, str(source))
+        if not path.is_file():
+            raise CheckpointError(f"no {source} NPO is shipped for task {task.name!r}; train one with "
+                                  f"`d2gp train --task {task.name} --method {source}`")
+    elif path.is_dir():
+        path = path / "best.pt"
     data = load_checkpoint(path, NPO_FORMAT, what="NPO weights file")
     if task is not None:
         if data["task"] != task.name:
@@ -250,12 +268,7 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = Fal
     best, start_epoch = -math.inf, 0
     state_path = run_dir / "checkpoint.pt"
     if resume and state_path.exists():
-        state = load_checkpoint(state_path, _STATE_FORMAT, what="training checkpoint")
-        npo.load_state_dict(state["npo"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        generator.set_state(state["generator"])
-        set_rng_state(state["rng"])
+        state = restore_training_state(state_path, _STATE_FORMAT, npo, optimizer, scheduler, generator)
         history, best, start_epoch = state["history"], state["best"], state["epoch"]
 
     writer = _tensorboard(run_dir) if config.tensorboard else None
@@ -300,9 +313,8 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = Fal
         if writer is not None:
             for name, value in row.items():
                 writer.add_scalar(name, value, epoch + 1)
-        atomic_save({"format": _STATE_FORMAT, "npo": npo.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "generator": generator.get_state(), "rng": rng_state(),
-                     "history": history, "best": best, "epoch": epoch + 1}, state_path)
+        save_training_state(state_path, _STATE_FORMAT, npo, optimizer, scheduler, generator,
+                            history=history, best=best, epoch=epoch + 1)
         _write_log(history, run_dir / "log.csv")
     save_npo(npo, run_dir / "last.pt", task, config, {"val_psnr": val_psnr, "epoch": config.epochs})
     summary = {"best_val_psnr": best, "final_val_psnr": val_psnr, "epochs": config.epochs,
