@@ -79,3 +79,39 @@ def test_train_denoiser_tiny_and_refuses_stale_checkpoint(tmp_path, capsys, monk
     (tmp_path / "d.pt.training").write_bytes(b"x")
     assert main(["train-denoiser", "--task", "spc", "--epochs", "1", "--out", str(out)]) == 2
     assert "--resume" in capsys.readouterr().err
+
+
+def test_train_then_evaluate_then_reconstruct_with_the_npo(tmp_path, capsys):
+    run = tmp_path / "run"
+    tiny = ["--train-images", "16", "--val-images", "8", "--epochs", "1", "--iterations", "3", "--batch-size", "8",
+            "--width", "8", "--blocks", "1"]
+    assert main(["train", "--task", "spc", *tiny, "--out", str(run)]) == 0
+    assert (run / "best.pt").is_file()
+    assert main(["train", "--task", "spc", *tiny, "--out", str(run)]) == 2  # exists: needs --resume
+    assert "--resume" in capsys.readouterr().err
+    assert main(["evaluate", str(run), "--limit", "8", "--out", str(tmp_path / "eval")]) == 0
+    printed = capsys.readouterr().out
+    for label in ("student baseline", "D2GP", "teacher (upper bound)"):
+        assert f"| {label} |" in printed
+    for name in ("table.md", "table.csv", "results.json", "examples.png", "psnr_curves.png"):
+        assert (tmp_path / "eval" / name).is_file()
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert results["horizon"] == 6 and results["baseline_step_tuning"]["val_psnr_by_step"]
+    assert main(["reconstruct", "--task", "spc", "--preconditioner", str(run), "--limit", "4", "-K", "3",
+                 "--out", str(tmp_path / "rec")]) == 0
+    assert "| student + d2gp NPO | 3 |" in capsys.readouterr().out
+    assert main(["reconstruct", "--task", "mri", "--preconditioner", str(run), "--limit", "2", "-K", "1",
+                 "--out", str(tmp_path / "rec2")]) == 2
+    assert "trained for task 'spc', not 'mri'" in capsys.readouterr().err
+
+
+def test_demo_runs_end_to_end_tiny(tmp_path):
+    from d2gp.apps import demo
+
+    overrides = dict(train_images=16, val_images=8, epochs=1, iterations=2, batch_size=8,
+                     npo={"width": 8, "blocks": 1})
+    result = demo(tmp_path / "demo", limit=8, progress=False, **overrides)
+    assert "| D2GP |" in result["table"] and "| Supervised |" in result["table"]
+    mtime = (tmp_path / "demo" / "d2gp" / "best.pt").stat().st_mtime
+    demo(tmp_path / "demo", limit=8, progress=False, **overrides)  # finished runs are reused
+    assert (tmp_path / "demo" / "d2gp" / "best.pt").stat().st_mtime == mtime

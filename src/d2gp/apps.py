@@ -14,7 +14,7 @@ from typing import Sequence
 
 from d2gp.checkpoints import CheckpointError
 from d2gp.evaluation import evaluate_solver, format_mean_std, tune_step_size
-from d2gp.plots import image_grid, psnr_curves
+from d2gp.plots import examples_figure, psnr_curves
 from d2gp.reports import markdown_table, write_results
 from d2gp.tasks import make_task
 from d2gp.training import TrainConfig, load_npo, train
@@ -86,19 +86,18 @@ def evaluate_runs(run_dirs: Sequence[str | os.PathLike], *, split: str = "test",
         "methods": [{**run.summary(), "step_size": step} for run, (_, _, step, _) in zip(runs, methods)],
     }
     write_results(out, header, rows, results)
-    grid = {"ground truth": images[:examples], **{run.label: run.examples for run in runs}}
-    captions = {run.label: [f"{v:.1f} dB" for v in run.psnr[K][:examples].tolist()] for run in runs}
-    image_grid(grid, out / "examples.png", captions, title=f"{task.name}: PnP-FISTA, K = {K}")
+    examples_figure(images, runs, K, out / "examples.png", f"{task.name}: PnP-FISTA, K = {K}")
     psnr_curves({run.label: run.summary()["psnr_per_iteration"] for run in runs}, out / "psnr_curves.png",
                 title=f"{task.name}: PSNR over iterations (trained for K = {K})", train_iterations=K)
     return {"table": markdown_table(header, rows), "results": results, "out": str(out)}
 
 
 def demo(out: str | os.PathLike = "runs/demo", task: str = "spc", profile: str = "quick", seed: int = 0,
-         resume: bool = True, progress: bool = True, **overrides) -> dict:
+         resume: bool = True, progress: bool = True, limit: int | None = None, **overrides) -> dict:
     """The main job: train D2GP and Supervised NPOs with ``profile``, then evaluate them on the test split.
 
     Finished runs in ``out`` are reused (``resume``), so an interrupted demo continues where it stopped.
+    ``overrides`` are :class:`~d2gp.training.TrainConfig` fields; ``limit`` caps the test images.
     """
     if profile not in PROFILES:
         raise CheckpointError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
@@ -113,4 +112,4 @@ def demo(out: str | os.PathLike = "runs/demo", task: str = "spc", profile: str =
         if not finished:
             train(config, run_dir, resume=resume and (run_dir / "checkpoint.pt").exists(), progress=progress)
         run_dirs.append(run_dir)
-    return evaluate_runs(run_dirs, out=out / "evaluation", progress=progress)
+    return evaluate_runs(run_dirs, out=out / "evaluation", limit=limit, progress=progress)

@@ -158,7 +158,7 @@ def cmd_datasets(args: argparse.Namespace) -> None:
 
 def cmd_reconstruct(args: argparse.Namespace) -> None:
     from d2gp.evaluation import evaluate_solver, format_mean_std
-    from d2gp.plots import image_grid, psnr_curves
+    from d2gp.plots import examples_figure, psnr_curves
     from d2gp.reports import markdown_table, write_results
 
     task = _task_from_args(args)
@@ -192,10 +192,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> None:
         "task": task.name, "dataset": task.dataset, "split": args.split, "images": len(images),
         "step_size": {"student": task.student_step_size, "teacher": task.teacher_step_size},
         "seconds": {run.label: run.seconds for run in runs}, "runs": [run.summary() for run in runs]})
-    examples = images[: args.examples]
-    grid = {"ground truth": examples, **{run.label: run.examples for run in runs}}
-    captions = {run.label: [f"{v:.1f} dB" for v in run.psnr[args.iterations][: args.examples].tolist()] for run in runs}
-    image_grid(grid, out / "examples.png", captions, title=f"{task.name}: PnP-FISTA, K = {args.iterations}")
+    examples_figure(images, runs, args.iterations, out / "examples.png", f"{task.name}: PnP-FISTA, K = {args.iterations}")
     psnr_curves({run.label: run.summary()["psnr_per_iteration"] for run in runs}, out / "psnr_curves.png",
                 title=f"{task.name}: PSNR over iterations")
     print(f"wrote {out}/ (table.md, table.csv, results.json, config.json, examples.png, psnr_curves.png)")

@@ -18,7 +18,8 @@ from tqdm.auto import tqdm
 from d2gp.solver import pnp_fista
 from d2gp.tasks.base import measure
 
-__all__ = ["psnr", "ssim", "mean_std", "format_mean_std", "SolverRun", "evaluate_solver"]
+__all__ = ["psnr", "ssim", "mean_std", "format_mean_std", "SolverRun", "evaluate_solver", "spread_indices",
+           "tune_step_size"]
 
 _PSNR = PSNR(max_pixel=1.0)
 _SSIM = SSIM(max_pixel=1.0)
@@ -47,6 +48,12 @@ def format_mean_std(values, digits: int = 2) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
+def spread_indices(n: int, count: int) -> list[int]:
+    """``count`` indices evenly spread over ``range(n)`` (neighbouring slices look alike: show the range)."""
+    count = min(count, n)
+    return sorted({round(i * (n - 1) / max(1, count - 1)) for i in range(count)}) if count > 0 else []
+
+
 @dataclass
 class SolverRun:
     """PSNR/SSIM of one solver on one split: ``psnr[k]`` holds per-image values after k iterations."""
@@ -56,7 +63,8 @@ class SolverRun:
     psnr: dict[int, torch.Tensor] = field(default_factory=dict)
     ssim: dict[int, torch.Tensor] = field(default_factory=dict)
     fidelity: list[float] = field(default_factory=list)  # mean f(z_k), k = 0 … K−1
-    examples: Optional[torch.Tensor] = None  # the first reconstructions at K
+    examples: Optional[torch.Tensor] = None  # reconstructions at K of the images ``example_indices``
+    example_indices: list[int] = field(default_factory=list)
     seconds: float = 0.0  # wall time of the whole evaluation
 
     def summary(self) -> dict:
@@ -97,6 +105,8 @@ def evaluate_solver(
     psnr_k: list[list[torch.Tensor]] = [[] for _ in range(iterations + 1)]
     ssim_k: dict[int, list[torch.Tensor]] = {k: [] for k in ssim_at if 0 <= k <= iterations}
     fidelity_sum = torch.zeros(iterations, dtype=torch.float64)
+    run.example_indices = spread_indices(len(images), keep_examples)
+    kept: list[torch.Tensor] = []
     batches = range(0, len(images), batch_size)
     for start in tqdm(batches, desc=label, disable=not progress, leave=False):
         x_true = images[start:start + batch_size]
@@ -110,11 +120,11 @@ def evaluate_solver(
                 ssim_k[k].append(ssim(estimate, x_true))
         for k, f in enumerate(trace.fidelity):
             fidelity_sum[k] += f.double().sum()
-        if keep_examples and run.examples is None:
-            run.examples = estimates[-1][:keep_examples].clone()
+        kept += [estimates[-1][i - start] for i in run.example_indices if start <= i < start + len(x_true)]
     run.psnr = {k: torch.cat(v) for k, v in enumerate(psnr_k)}
     run.ssim = {k: torch.cat(v) for k, v in ssim_k.items()}
     run.fidelity = (fidelity_sum / len(images)).tolist()
+    run.examples = torch.stack(kept) if kept else None
     run.seconds = time.perf_counter() - began
     return run
 

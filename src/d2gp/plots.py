@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-__all__ = ["image_grid", "psnr_curves"]
+__all__ = ["image_grid", "psnr_curves", "examples_figure"]
 
 
 def _to_display(image: torch.Tensor):
@@ -65,3 +65,11 @@ def psnr_curves(curves: Mapping[str, Sequence[float]], path: str | os.PathLike, 
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def examples_figure(images: torch.Tensor, runs: Sequence, k: int, path: str | os.PathLike, title: str) -> None:
+    """Ground truth and each run's reconstructions (``SolverRun.examples``), captioned with PSNR at ``k``."""
+    indices = runs[0].example_indices
+    grid = {"ground truth": images[indices], **{run.label: run.examples for run in runs}}
+    captions = {run.label: [f"{float(run.psnr[k][i]):.1f} dB" for i in indices] for run in runs}
+    image_grid(grid, path, captions, title=title)
