@@ -99,3 +99,19 @@ def test_shipped_weights_exist_and_load(task, channels):
     assert shipped_denoiser_path(task).is_file(), f"no shipped denoiser for {task}"
     model = load_denoiser(task, channels=channels)
     assert sum(p.numel() for p in model.parameters()) < 60_000
+
+
+def test_scaled_denoiser_and_task_default(tmp_path):
+    from d2gp.denoisers import ScaledDenoiser
+    from d2gp.tasks import make_task
+
+    model = build_dncnn(1, 3, 4).eval()
+    x = torch.rand(2, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(ScaledDenoiser(model, 0.9)(x), 0.9 * model(x))
+    with pytest.raises(ValueError, match="scale"):
+        ScaledDenoiser(model, 1.5)
+    save_denoiser(model, tmp_path / "d.pt")
+    assert make_task("spc", denoiser=str(tmp_path / "d.pt")).denoiser().__class__.__name__ == "DnCNN"
+    scaled = make_task("mri", denoiser=str(tmp_path / "d.pt")).denoiser()
+    assert isinstance(scaled, ScaledDenoiser) and scaled.scale == 0.97

@@ -107,7 +107,7 @@ def test_mri_masks_nested_and_centred():
     assert student < teacher
     assert len(student) == 8 and len(teacher) == 16
     assert 0 in student  # the DC column (unshifted index 0)
-    order = gaussian_column_order(64, 0.08, 0.2, seed=0)
+    order = gaussian_column_order(64, 0.08, 0.1, seed=0)
     assert sorted(order.tolist()) == list(range(64))
     assert set(order[:5].tolist()) == {30, 31, 32, 33, 34}
 
@@ -161,6 +161,8 @@ def test_measurement_noise_reproducible_and_batch_independent():
         ("sr", {"student_factor": 3}, "does not divide image_size"),
         ("sr", {"noise_sigma": -1.0}, "noise_sigma"),
         ("sr", {"image_size": 4}, "image_size"),
+        ("mri", {"denoiser_scale": 0.0}, "denoiser_scale must be in (0, 1]"),
+        ("spc", {"denoiser_scale": 1.2}, "denoiser_scale must be in (0, 1]"),
     ],
 )
 def test_bad_settings_raise_clear_errors(name, overrides, message):

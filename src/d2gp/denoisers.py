@@ -36,7 +36,7 @@ from d2gp.checkpoints import (
 
 __all__ = [
     "DENOISER_FORMAT", "build_dncnn", "load_denoiser", "save_denoiser", "shipped_denoiser_path",
-    "train_denoiser", "denoiser_psnr",
+    "train_denoiser", "denoiser_psnr", "ScaledDenoiser",
 ]
 
 DENOISER_FORMAT = "d2gp-denoiser"
@@ -48,6 +48,28 @@ def build_dncnn(channels: int = 1, depth: int = 7, features: int = 32) -> DnCNN:
     if channels < 1 or depth < 2 or features < 1:
         raise ValueError(f"DnCNN needs channels ≥ 1, depth ≥ 2, features ≥ 1; got {channels}, {depth}, {features}")
     return DnCNN(in_channels=channels, out_channels=channels, depth=depth, nf=features, pretrained=None)
+
+
+class ScaledDenoiser(torch.nn.Module):
+    r"""The PnP prior :math:`c\,D(x)` with :math:`0 < c \le 1`.
+
+    Inside PnP-FISTA, the null space of A is governed by the denoiser alone, with momentum: a
+    direction where the Jacobian of D has an eigenvalue λ ≥ 1 grows (linearly at λ = 1,
+    exponentially above), and a DnCNN trained on Gaussian noise passes image-like directions with
+    λ ≈ 1. Scaling by c < 1 makes every such eigenvalue c·λ < 1, so the iteration settles; the
+    small shrinkage it adds is undone by the data term wherever A measures.
+    ``benchmarks/pnp_stability.py`` measures PSNR to K = 100 for several c on the validation split;
+    the task defaults (``denoiser_scale``) come from it.
+    """
+
+    def __init__(self, denoiser: torch.nn.Module, scale: float):
+        super().__init__()
+        if not 0 < scale <= 1:
+            raise ValueError(f"the denoiser scale must be in (0, 1], got {scale}")
+        self.denoiser, self.scale = denoiser, float(scale)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return self.scale * self.denoiser(x, *args, **kwargs)
 
 
 def shipped_denoiser_path(task: str) -> Path:

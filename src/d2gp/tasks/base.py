@@ -49,6 +49,7 @@ class TaskConfig:
     student_step_size: float | None = spec(None, "student step size γ; default 1/‖AᵀA‖ (power method)")
     teacher_step_size: float | None = spec(None, "teacher step size γ; default 1/‖AᵀA‖ (power method)")
     denoiser: str | None = spec(None, "path of a DnCNN weights file; default: the shipped one")
+    denoiser_scale: float = spec(1.0, "PnP prior c·D(x): c < 1 makes the iteration contractive (stable past K)")
 
     default_dataset: ClassVar[str] = ""
 
@@ -56,6 +57,8 @@ class TaskConfig:
         """Raise :class:`TaskError` on settings that cannot work."""
         if not isinstance(self.image_size, int) or self.image_size < 8:
             raise TaskError(f"image_size must be an integer ≥ 8, got {self.image_size!r}")
+        if not 0 < self.denoiser_scale <= 1:
+            raise TaskError(f"denoiser_scale must be in (0, 1], got {self.denoiser_scale!r}")
         if not self.noise_sigma >= 0 or not math.isfinite(self.noise_sigma):
             raise TaskError(f"noise_sigma must be a finite number ≥ 0, got {self.noise_sigma!r}")
         for name in ("student_step_size", "teacher_step_size"):
@@ -214,8 +217,9 @@ class Task:
 
     # Denoiser ---------------------------------------------------------------------------------
     def denoiser(self) -> torch.nn.Module:
-        """The PnP denoiser: the configured weights file, else the one shipped for this task."""
-        from d2gp.denoisers import load_denoiser
+        """The PnP prior: the configured weights file (else the one shipped for this task), scaled
+        by ``denoiser_scale`` when that is below 1 (see :class:`d2gp.denoisers.ScaledDenoiser`)."""
+        from d2gp.denoisers import ScaledDenoiser, load_denoiser
 
         model = load_denoiser(self.config.denoiser or self.name, channels=self.image_shape[0])
-        return model
+        return model if self.config.denoiser_scale == 1 else ScaledDenoiser(model, self.config.denoiser_scale)

@@ -30,7 +30,7 @@ from d2gp.tasks.base import TaskConfig, TaskError, spec
 __all__ = ["CartesianMRI", "gaussian_column_order", "MRIConfig"]
 
 
-def gaussian_column_order(width: int, center_fraction: float = 0.08, sigma: float = 0.2, seed: int = 0) -> np.ndarray:
+def gaussian_column_order(width: int, center_fraction: float = 0.08, sigma: float = 0.1, seed: int = 0) -> np.ndarray:
     """Priority order of the k-space columns (DC at ``width // 2`` before ``ifftshift``).
 
     :param width: number of columns ``W``.
@@ -98,8 +98,9 @@ class MRIConfig(TaskConfig):
     student_acceleration: float = spec(8.0, "student acceleration R (keeps W/R columns), > 1")
     teacher_acceleration: float = spec(4.0, "teacher acceleration, in [1, student_acceleration)")
     center_fraction: float = spec(0.08, "fraction of central k-space columns always sampled")
-    mask_sigma: float = spec(0.2, "std of the Gaussian column density, as a fraction of the width")
+    mask_sigma: float = spec(0.1, "std of the Gaussian column density, as a fraction of the width")
     mask_seed: int = spec(0, "seed of the column draw")
+    denoiser_scale: float = spec(0.97, "PnP prior c·D(x): c < 1 makes the iteration contractive (stable past K)")
 
     def validate(self) -> None:
         super().validate()
