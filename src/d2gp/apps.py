@@ -23,7 +23,7 @@ __all__ = ["evaluate_runs", "demo", "PROFILES"]
 
 #: Training profiles: ``quick`` fits the demo's 15-minute CPU budget; ``full`` is for real runs.
 PROFILES = {
-    "quick": dict(train_images=1000, val_images=64, epochs=6),
+    "quick": dict(train_images=512, val_images=64, epochs=4),
     "full": dict(train_images=None, val_images=200, epochs=30),
 }
 
