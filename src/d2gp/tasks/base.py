@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import torch
 from deepinv.physics import GaussianNoise, LinearPhysics
 
-__all__ = ["TaskError", "TaskConfig", "Task", "power_norm", "measure", "spec"]
+__all__ = ["TaskError", "TaskConfig", "Task", "power_norm", "measure", "spec", "denoiser_scale_spec"]
 
 
 class TaskError(ValueError):
@@ -27,6 +27,11 @@ class TaskError(ValueError):
 def spec(default: Any, help: str) -> Any:
     """A dataclass field with a help text, shown by ``d2gp ... --help`` and in the docs."""
     return field(default=default, metadata={"help": help})
+
+
+def denoiser_scale_spec(default: float) -> Any:
+    """The ``denoiser_scale`` field with a task's own default (see :class:`d2gp.denoisers.ScaledDenoiser`)."""
+    return spec(default, "PnP prior c·D(x): c < 1 makes the iteration contractive (stable past K)")
 
 
 @dataclass
@@ -49,7 +54,7 @@ class TaskConfig:
     student_step_size: float | None = spec(None, "student step size γ; default 1/‖AᵀA‖ (power method)")
     teacher_step_size: float | None = spec(None, "teacher step size γ; default 1/‖AᵀA‖ (power method)")
     denoiser: str | None = spec(None, "path of a DnCNN weights file; default: the shipped one")
-    denoiser_scale: float = spec(1.0, "PnP prior c·D(x): c < 1 makes the iteration contractive (stable past K)")
+    denoiser_scale: float = denoiser_scale_spec(1.0)
 
     default_dataset: ClassVar[str] = ""
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from deepinv.physics import LinearPhysics
 
-from d2gp.tasks.base import TaskConfig, TaskError, spec
+from d2gp.tasks.base import TaskConfig, TaskError, denoiser_scale_spec, spec
 
 __all__ = ["CartesianMRI", "gaussian_column_order", "MRIConfig"]
 
@@ -100,7 +100,7 @@ class MRIConfig(TaskConfig):
     center_fraction: float = spec(0.08, "fraction of central k-space columns always sampled")
     mask_sigma: float = spec(0.1, "std of the Gaussian column density, as a fraction of the width")
     mask_seed: int = spec(0, "seed of the column draw")
-    denoiser_scale: float = spec(0.97, "PnP prior c·D(x): c < 1 makes the iteration contractive (stable past K)")
+    denoiser_scale: float = denoiser_scale_spec(0.97)  # chosen with benchmarks/pnp_stability.py
 
     def validate(self) -> None:
         super().validate()

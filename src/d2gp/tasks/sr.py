@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from deepinv.physics import Downsampling
 from deepinv.physics.functional import gaussian_blur
 
-from d2gp.tasks.base import TaskConfig, TaskError, spec
+from d2gp.tasks.base import TaskConfig, TaskError, denoiser_scale_spec, spec
 
 __all__ = ["SRConfig", "make_downsampling"]
 
@@ -38,7 +38,7 @@ class SRConfig(TaskConfig):
     student_factor: int = spec(4, "student downsampling factor d_s (an integer ≥ 2 dividing image_size)")
     teacher_factor: int = spec(2, "teacher downsampling factor d_t, 1 ≤ d_t < d_s")
     blur_sigma: float = spec(1.0, "Gaussian blur std, in units of the factor (std = blur_sigma·d pixels)")
-    denoiser_scale: float = spec(0.95, "PnP prior c·D(x): c < 1 makes the iteration contractive (stable past K)")
+    denoiser_scale: float = denoiser_scale_spec(0.95)  # chosen with benchmarks/pnp_stability.py
 
     def validate(self) -> None:
         super().validate()
