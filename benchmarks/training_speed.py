@@ -83,6 +83,8 @@ def main():
     parser.add_argument("--steps", type=int, default=5, help="timed steps per configuration (after a warm-up)")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--out", default="benchmarks/results/training_speed")
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS), metavar="NAME",
+                        help="configurations to run (default all; the first is the reference of the speed-up)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -92,7 +94,7 @@ def main():
     from d2gp.reports import markdown_table, write_results
 
     results = []
-    for name in CONFIGS:
+    for name in args.configs:
         command = [sys.executable, __file__, "--child", name, "--threads", str(args.threads), "--steps",
                    str(args.steps), "--batch", str(args.batch)]
         output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
