@@ -63,12 +63,11 @@ def evaluate_runs(run_dirs: Sequence[str | os.PathLike], *, split: str = "test",
 
     tuned, tuning = tune_step_size(task.student, val, denoiser, task.student_step_size, K)
     methods = [("student baseline", task.student, tuned, None)]
-    labels_seen: dict[str, int] = {}
+    per_method = [c["train"]["method"] for c in configs]
     for run_dir in run_dirs:
         npo, meta = load_npo(run_dir / "best.pt", task)
         label = METHOD_LABELS.get(meta["method"], meta["method"])
-        labels_seen[label] = labels_seen.get(label, 0) + 1
-        if labels_seen[label] > 1 or sum(1 for c in configs if c["train"]["method"] == meta["method"]) > 1:
+        if per_method.count(meta["method"]) > 1:  # several runs of one method: name them
             label = f"{label} ({run_dir.name})"
         methods.append((label, task.student, task.student_step_size, npo))
     methods.append(("teacher (upper bound)", task.teacher, task.teacher_step_size, None))
