@@ -107,7 +107,7 @@ def demo(out: str | os.PathLike = "runs/demo", task: str = "spc", profile: str =
         config = replace(base, method=method)
         run_dir = out / method
         finished = (run_dir / "summary.json").is_file() and json.loads((run_dir / "config.json").read_text())["train"] \
-            == json.loads(json.dumps(config.to_dict()))
+            == config.to_json_dict()
         if not finished:
             train(config, run_dir, resume=resume and (run_dir / "checkpoint.pt").exists(), progress=progress)
         run_dirs.append(run_dir)

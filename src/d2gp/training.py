@@ -114,6 +114,10 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def to_json_dict(self) -> dict[str, Any]:
+        """:meth:`to_dict` as it reads back from ``config.json`` (tuples become lists…), for comparisons."""
+        return json.loads(json.dumps(self.to_dict()))
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
         known = {f.name for f in dataclasses.fields(cls)}
@@ -215,10 +219,9 @@ def _check_run_dir(run_dir: Path, config: TrainConfig, resume: bool) -> None:
             raise TrainingError(f"{run_dir} already holds a training run: pass resume=True (--resume) to continue it, "
                                 f"or choose another directory")
         if saved.is_file():
-            previous = json.loads(saved.read_text())["train"]
-            if previous != json.loads(json.dumps(config.to_dict())):
-                changed = sorted(k for k in set(previous) | set(config.to_dict())
-                                 if previous.get(k) != json.loads(json.dumps(config.to_dict())).get(k))
+            previous, current = json.loads(saved.read_text())["train"], config.to_json_dict()
+            if previous != current:
+                changed = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
                 raise TrainingError(f"cannot resume {run_dir}: its configuration differs in {', '.join(changed)}")
 
 

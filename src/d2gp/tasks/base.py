@@ -89,6 +89,10 @@ class TaskConfig:
 def power_norm(physics: LinearPhysics, shape: tuple[int, ...], iterations: int = 200) -> float:
     """‖AᵀA‖₂, the largest eigenvalue of AᵀA, by the power method (deterministic start).
 
+    Not deepinv's ``compute_sqnorm``: that one passes an unbatched start to ``A``, which deepinv
+    0.5.0's ``Downsampling`` rejects ("Input and filter must be 4D tensors"); this one works for
+    every operator, accumulates in float64 and is seeded.
+
     :param physics: the linear operator A.
     :param shape: the image shape ``(C, H, W)``.
     :param iterations: maximum number of power iterations (stops at relative change < 1e-7).
