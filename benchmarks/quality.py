@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from d2gp.apps import PROFILES, evaluate_runs
+from d2gp.apps import PROFILES, ensure_trained, evaluate_runs, profile_settings
 from d2gp.evaluation import mean_std
 from d2gp.reports import markdown_table, write_results
-from d2gp.training import TrainConfig, train
+from d2gp.training import TrainConfig
 
 
 def cell(values):
@@ -46,14 +46,9 @@ def main():
     for task in args.tasks:
         per_method: dict[str, dict[str, list]] = {}
         for seed in args.seeds:
-            base = TrainConfig(task=task, seed=seed, **{**PROFILES[args.profile], **overrides})
-            run_dirs = []
-            for method in ("d2gp", "supervised"):
-                config = replace(base, method=method)
-                run_dir = Path(args.runs) / task / f"{method}-seed{seed}"
-                if not (run_dir / "summary.json").is_file():
-                    train(config, run_dir, resume=(run_dir / "checkpoint.pt").exists())
-                run_dirs.append(run_dir)
+            base = TrainConfig(task=task, seed=seed, **{**profile_settings(args.profile, task), **overrides})
+            run_dirs = [ensure_trained(replace(base, method=method), Path(args.runs) / task / f"{method}-seed{seed}")
+                        for method in ("d2gp", "supervised")]
             evaluation = evaluate_runs(run_dirs, out=Path(args.runs) / task / f"evaluation-seed{seed}")
             K = evaluation["results"]["iterations"]
             for method in evaluation["results"]["methods"]:
@@ -65,7 +60,7 @@ def main():
             rows.append([task, label, cell(values["K"]), cell(values["2K"]), len(values["K"])])
         print(markdown_table(["task", "method", "PSNR at K", "PSNR at 2K", "seeds"], rows), flush=True)
     header = ["task", "method", "PSNR at K (dB)", "PSNR at 2K (dB)", "seeds"]
-    write_results(args.out, header, rows, {"args": vars(args), "profile": PROFILES[args.profile],
+    write_results(args.out, header, rows, {"args": vars(args), "profile": {t: profile_settings(args.profile, t) for t in args.tasks},
                                            "overrides": overrides, "results": results})
 
 

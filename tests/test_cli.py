@@ -7,7 +7,9 @@ import sys
 import pytest
 import torch
 
+from d2gp.checkpoints import CheckpointError
 from d2gp.cli import main
+from d2gp.training import TrainingError
 
 
 def test_help_of_every_subcommand(capsys):
@@ -115,3 +117,16 @@ def test_demo_runs_end_to_end_tiny(tmp_path):
     mtime = (tmp_path / "demo" / "d2gp" / "best.pt").stat().st_mtime
     demo(tmp_path / "demo", limit=8, progress=False, **overrides)  # finished runs are reused
     assert (tmp_path / "demo" / "d2gp" / "best.pt").stat().st_mtime == mtime
+    with pytest.raises(TrainingError, match="configuration differs in lr"):  # never overwrites another run
+        demo(tmp_path / "demo", limit=8, progress=False, **{**overrides, "lr": 5e-4})
+
+
+def test_profiles_are_per_task():
+    from d2gp.apps import PROFILES, profile_settings
+
+    assert profile_settings("quick", "spc") == PROFILES["quick"]
+    mri = profile_settings("quick", "mri")
+    assert mri["batch_size"] < 32 and mri["train_images"] < PROFILES["quick"]["train_images"]
+    assert profile_settings("full", "sr") == PROFILES["full"]
+    with pytest.raises(CheckpointError, match="unknown profile 'huge'"):
+        profile_settings("huge", "spc")

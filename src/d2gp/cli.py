@@ -87,13 +87,14 @@ _NPO_FLAGS = {
 
 
 def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    from d2gp.apps import PROFILES
+    from d2gp.apps import PROFILES, TASK_PROFILES
     from d2gp.training import TrainConfig
 
     defaults = TrainConfig()
     group = parser.add_argument_group("training settings")
+    presets = [f"{k}: {v}" for k, v in PROFILES.items()] + [f"{p} on {t}: also {v}" for (p, t), v in TASK_PROFILES.items()]
     group.add_argument("--profile", choices=list(PROFILES), default="quick",
-                       help="preset of data size and epochs: " + "; ".join(f"{k}: {v}" for k, v in PROFILES.items()))
+                       help="preset of data size and epochs: " + "; ".join(presets))
     for name, help_text in _TRAIN_FLAGS.items():
         default = getattr(defaults, name)
         flag = f"--{name.replace('_', '-')}"
@@ -115,10 +116,10 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _train_config_from_args(args: argparse.Namespace):
-    from d2gp.apps import PROFILES
+    from d2gp.apps import profile_settings
     from d2gp.training import TrainConfig
 
-    settings = dict(PROFILES[args.profile])
+    settings = profile_settings(args.profile, args.task)
     settings.update({k[len("train_"):]: v for k, v in vars(args).items() if k.startswith("train_") and v is not None})
     if settings.get("train_images") == 0:
         settings["train_images"] = None
@@ -258,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the main job: train D2GP and Supervised NPOs, evaluate, print the table")
     p.add_argument("--task", choices=list(TASKS), default="spc", help="task (default spc)")
-    p.add_argument("--profile", choices=["quick", "full"], default="quick", help="quick: ~10 min on 2 CPU cores")
+    p.add_argument("--profile", choices=["quick", "full"], default="quick", help="quick: ~14 min on 2 CPU cores")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/demo", help="output folder; finished runs in it are reused")
     p.set_defaults(func=cmd_demo)
