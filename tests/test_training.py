@@ -80,15 +80,17 @@ def _fixed_batch_loss(tiny, config, npo):
 @pytest.mark.parametrize("overrides", [
     {}, {"method": "supervised"}, {"teacher_gradient": "teacher"}, {"unroll": "checkpoint"},
     {"unroll": "truncated", "truncate": 2}, {"npo": {"width": 8, "blocks": 1, "use_iterate": True}},
+    {"method": "objective"}, {"preconditioner": "scalar", "method": "objective"},
+    {"preconditioner": "pointwise", "method": "supervised"}, {"preconditioner": "convolutional"},
 ])
 def test_training_lowers_the_loss(tiny, tmp_path, overrides):
     config = _config(tiny, **overrides)
     summary = _train(tiny, config, tmp_path / "run")
-    from d2gp.preconditioners import NPO
-
-    fresh = NPO(channels=1, **config.npo)
-    trained, meta = load_npo(tmp_path / "run" / "last.pt", make_task("spc", **config.task_settings))
-    assert meta["method"] == config.method
+    task = make_task("spc", **config.task_settings)
+    fresh = training.build_preconditioner(config, task)
+    trained, meta = load_npo(tmp_path / "run" / "last.pt", task)
+    assert meta["method"] == config.method and meta["kind"] == config.preconditioner
+    assert type(trained) is type(fresh) and trained.config == fresh.config
     assert _fixed_batch_loss(tiny, config, trained) < _fixed_batch_loss(tiny, config, fresh)
     for name in ("config.json", "checkpoint.pt", "best.pt", "last.pt", "log.csv", "summary.json"):
         assert (tmp_path / "run" / name).is_file(), name
@@ -155,7 +157,7 @@ def test_foreign_checkpoints_are_refused(tiny, tmp_path):
     data = load_checkpoint(best)
     data["npo"]["width"] = 16
     atomic_save(data, tmp_path / "other_arch.pt")
-    with pytest.raises(CheckpointError, match="do not fit the NPO architecture"):
+    with pytest.raises(CheckpointError, match="do not fit the npo architecture"):
         load_npo(tmp_path / "other_arch.pt")
     with pytest.raises(CheckpointError, match="not a d2gp-npo file"):
         load_npo(tmp_path / "run" / "checkpoint.pt")
@@ -167,7 +169,7 @@ def test_foreign_checkpoints_are_refused(tiny, tmp_path):
 @pytest.mark.parametrize("overrides,message", [
     ({"method": "magic"}, "unknown method"), ({"unroll": "half"}, "unknown unroll"),
     ({"teacher_gradient": "both"}, "teacher_gradient"), ({"unroll": "truncated", "truncate": 9}, "truncate"),
-    ({"lr": 0.0}, "lr"),
+    ({"lr": 0.0}, "lr"), ({"preconditioner": "cubic"}, "unknown preconditioner 'cubic'"),
     ({"lambda_gradient": 0.0, "lambda_imitation": 0.0, "lambda_supervised": 0.0}, "all loss weights are zero"),
 ])
 def test_bad_training_settings(tiny, tmp_path, overrides, message):

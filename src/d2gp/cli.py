@@ -57,7 +57,8 @@ def _task_from_args(args: argparse.Namespace):
 
 # Training settings that get a flag of their own (the others are set by the profile or the API).
 _TRAIN_FLAGS = {
-    "method": "d2gp (distillation) or supervised (L_s only)",
+    "method": "d2gp (distillation), supervised (L_s only) or objective (fidelity decrease, Ehrhardt et al.)",
+    "preconditioner": "what is trained: npo, or a learned linear one: scalar, pointwise, convolutional, full",
     "iterations": "unrolled iterations K",
     "epochs": "training epochs",
     "batch_size": "images per step",

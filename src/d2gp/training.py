@@ -9,7 +9,10 @@ One training step on a batch x:
    recomputation, less memory — or ``truncated``: only the last ``truncate`` iterations);
 4. L = λ_g L_g + λ_i L_i + λ_s L_s (:mod:`d2gp.losses`), one Adam/AdamW step.
 
-``method="supervised"`` trains the same NPO with L_s alone (no teacher).
+``method="supervised"`` trains the same NPO with L_s alone (no teacher); ``method="objective"``
+with the objective-decrease loss of Ehrhardt et al. (:func:`~d2gp.preconditioners.objective_loss`).
+``preconditioner`` picks what is trained: the ``"npo"`` (default) or one of the learned linear
+preconditioners (``"scalar"``, ``"pointwise"``, ``"convolutional"``, ``"full"``), with any method.
 
 A run directory holds ``config.json`` (everything needed to reproduce it, with the command,
 machine and date), ``checkpoint.pt`` (the full training state, written atomically after every
@@ -42,16 +45,18 @@ from d2gp.checkpoints import (
 from d2gp.evaluation import evaluate_solver
 from d2gp.losses import TEACHER_GRADIENT_AT, LossWeights, gradient_loss, imitation_loss, supervised_loss
 from d2gp.preconditioners import NPO
+from d2gp.preconditioners.learned_linear import LINEAR_PRECONDITIONERS, build_linear, objective_loss
 from d2gp.reports import environment
 from d2gp.solver import pnp_fista
 from d2gp.tasks import Task, make_task
 
-__all__ = ["TrainConfig", "TrainingError", "train", "load_npo", "save_npo", "shipped_npo_path", "NPO_FORMAT", "METHODS",
-           "UNROLL_MODES"]
+__all__ = ["TrainConfig", "TrainingError", "train", "load_npo", "save_npo", "shipped_npo_path", "build_preconditioner",
+           "NPO_FORMAT", "METHODS", "PRECONDITIONERS", "UNROLL_MODES"]
 
 NPO_FORMAT = "d2gp-npo"
 _STATE_FORMAT = "d2gp-npo-training"
-METHODS = ("d2gp", "supervised")
+METHODS = ("d2gp", "supervised", "objective")
+PRECONDITIONERS = ("npo", *LINEAR_PRECONDITIONERS)
 UNROLL_MODES = ("full", "checkpoint", "truncated")
 
 
@@ -82,6 +87,8 @@ class TrainConfig:
     truncate: int = 5
     autocast: bool = False
     npo: dict[str, Any] = field(default_factory=dict)
+    preconditioner: str = "npo"
+    linear: dict[str, Any] = field(default_factory=dict)
     plateau_patience: int = 2
     plateau_factor: float = 0.5
     seed: int = 0
@@ -90,6 +97,8 @@ class TrainConfig:
     def validate(self) -> None:
         if self.method not in METHODS:
             raise TrainingError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.preconditioner not in PRECONDITIONERS:
+            raise TrainingError(f"unknown preconditioner {self.preconditioner!r}; choose one of {', '.join(PRECONDITIONERS)}")
         if self.unroll not in UNROLL_MODES:
             raise TrainingError(f"unknown unroll mode {self.unroll!r}; choose one of {', '.join(UNROLL_MODES)}")
         if self.teacher_gradient not in TEACHER_GRADIENT_AT:
@@ -107,7 +116,8 @@ class TrainConfig:
 
     @property
     def weights(self) -> LossWeights:
-        if self.method == "supervised":
+        """λ_g, λ_i, λ_s (``objective`` uses none of them: its own loss)."""
+        if self.method in ("supervised", "objective"):
             return LossWeights(gradient=0.0, imitation=0.0, supervised=self.lambda_supervised or 1.0)
         return LossWeights(self.lambda_gradient, self.lambda_imitation, self.lambda_supervised)
 
@@ -125,9 +135,28 @@ class TrainConfig:
 
 
 # --- NPO weights files --------------------------------------------------------------------------
-def save_npo(npo: NPO, path: str | os.PathLike, task: Task, config: TrainConfig, extra: dict | None = None) -> None:
+def build_preconditioner(config: TrainConfig, task: Task) -> torch.nn.Module:
+    """The untrained preconditioner of ``config`` for ``task``'s images (identity at init)."""
+    channels = task.image_shape[0]
+    if config.preconditioner == "npo":
+        return NPO(**{"channels": channels, **config.npo})
+    try:
+        return build_linear(config.preconditioner, channels, tuple(task.image_shape[1:]), config.iterations,
+                            **config.linear)
+    except ValueError as error:
+        raise TrainingError(str(error)) from None
+
+
+def _rebuild(kind: str, architecture: dict) -> torch.nn.Module:
+    return NPO(**architecture) if kind == "npo" else build_linear(kind, **architecture)
+
+
+def save_npo(npo: torch.nn.Module, path: str | os.PathLike, task: Task, config: TrainConfig,
+             extra: dict | None = None) -> None:
+    """Save a trained preconditioner (an NPO or a learned linear one: ``kind``) with its metadata."""
     atomic_save({
-        "format": NPO_FORMAT, "task": task.name, "task_config": task.config.to_dict(), "npo": dict(npo.config),
+        "format": NPO_FORMAT, "task": task.name, "task_config": task.config.to_dict(),
+        "kind": getattr(npo, "kind", "npo"), "npo": dict(npo.config),
         "state_dict": {k: v.detach().clone() for k, v in npo.state_dict().items()},
         "method": config.method, "iterations": config.iterations, "train_config": config.to_dict(), **(extra or {}),
     }, path)
@@ -162,11 +191,12 @@ def load_npo(source: str | os.PathLike, task: Task | None = None) -> tuple[NPO, 
         channels = data["npo"].get("channels", 1)
         if channels != task.image_shape[0]:
             raise CheckpointError(f"NPO weights {path} work on {channels}-channel images, the task has {task.image_shape[0]}")
+    kind = data.get("kind", "npo")
     try:
-        npo = NPO(**data["npo"])
+        npo = _rebuild(kind, data["npo"])
         npo.load_state_dict(data["state_dict"])
-    except (TypeError, RuntimeError) as error:
-        raise CheckpointError(f"NPO weights {path} do not fit the NPO architecture {data['npo']}: {str(error)[:200]}") from None
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise CheckpointError(f"weights {path} do not fit the {kind} architecture {data['npo']}: {str(error)[:200]}") from None
     meta = {k: v for k, v in data.items() if k != "state_dict"}
     return npo.eval(), meta
 
@@ -182,12 +212,17 @@ def _loss(config: TrainConfig, task: Task, npo: NPO, denoiser, x: torch.Tensor, 
     weights, K = config.weights, config.iterations
     y_s, y_t = task.measure(x, seed=seed)
     gamma_s, gamma_t = task.student_step_size, task.teacher_step_size
+    grad_from = K - config.truncate if config.unroll == "truncated" else 0
+    if config.method == "objective":
+        _, trace = pnp_fista(task.student, y_s, denoiser, gamma_s, K, npo, trace=True,
+                             checkpoint=config.unroll == "checkpoint", autocast=config.autocast, grad_from=grad_from)
+        loss = objective_loss(task.student, trace, y_s)
+        return loss, {"objective": loss.item()}
     teacher_out = teacher_trace = None
     if weights.needs_teacher:
         with torch.no_grad():
             teacher_out, teacher_trace = pnp_fista(task.teacher, y_t, denoiser, gamma_t, K, trace=True,
                                                    autocast=config.autocast)
-    grad_from = K - config.truncate if config.unroll == "truncated" else 0
     student_out, student_trace = pnp_fista(task.student, y_s, denoiser, gamma_s, K, npo, trace=True,
                                            checkpoint=config.unroll == "checkpoint", autocast=config.autocast,
                                            grad_from=grad_from)
@@ -262,7 +297,7 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = Fal
 
     seed_everything(config.seed)
     denoiser = task.denoiser().requires_grad_(False)
-    npo = NPO(**{"channels": task.image_shape[0], **config.npo})
+    npo = build_preconditioner(config, task)
     optimizer = _build_optimizer(config, npo)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=config.plateau_factor,
                                                            patience=config.plateau_patience)
