@@ -227,6 +227,15 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print(f"wrote {result['out']}/ (table.md, table.csv, results.json, examples.png, psnr_curves.png)")
 
 
+def cmd_benchmark(args: argparse.Namespace) -> None:
+    from d2gp.benchmark import benchmark
+
+    result = benchmark(args.tasks, args.methods, profile=args.profile, seeds=args.seeds, out=args.out, runs=args.runs,
+                       iterations=args.iterations)
+    print(result["table"])
+    print(f"wrote {result['out']}/ (table.md, table.csv, results.json; per task: examples.png, psnr_curves.png)")
+
+
 def cmd_train_denoiser(args: argparse.Namespace) -> None:
     from d2gp.denoisers import save_denoiser, train_denoiser
 
@@ -264,6 +273,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/demo", help="output folder; finished runs in it are reused")
     p.set_defaults(func=cmd_demo)
+
+    from d2gp.benchmark import BENCHMARK_PROFILES, METHODS
+
+    p = sub.add_parser("benchmark", help="every preconditioner on every task: the paper's Table I, tuned on validation")
+    p.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS), metavar="TASK",
+                   help=f"tasks (default all: {' '.join(TASKS)})")
+    p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS), metavar="METHOD",
+                   help=f"methods (default all: {' '.join(METHODS)})")
+    p.add_argument("--profile", choices=list(BENCHMARK_PROFILES), default="quick",
+                   help="quick: the whole table on 3 tasks in about an hour on 2 CPU cores; paper: larger, for a GPU")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0], help="training seeds of the learned methods")
+    p.add_argument("--iterations", "-K", type=int, default=20, help="PnP-FISTA iterations K (evaluated to 2K)")
+    p.add_argument("--out", default="results/benchmark", help="output folder")
+    p.add_argument("--runs", default="runs/benchmark", help="training runs (RUNS/TASK/METHOD-seedS), reused when finished")
+    p.set_defaults(func=cmd_benchmark)
 
     p = sub.add_parser("train", help="train an NPO preconditioner (D2GP or Supervised)")
     _add_task_arguments(p)

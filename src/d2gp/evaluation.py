@@ -131,7 +131,8 @@ def evaluate_solver(
 
 @torch.no_grad()
 def tune_step_size(physics, images: torch.Tensor, denoiser, base_step: float, iterations: int,
-                   factors: Sequence[float] = (0.5, 0.75, 1.0, 1.5, 2.0, 3.0), noise_seed: int = 10_000) -> tuple[float, dict]:
+                   factors: Sequence[float] = (0.5, 0.75, 1.0, 1.5, 2.0, 3.0), noise_seed: int = 10_000,
+                   preconditioner=None) -> tuple[float, dict]:
     """Pick γ = f·base_step, f in ``factors``, with the best mean PSNR at K on ``images`` (a validation split).
 
     :return: the chosen γ and the PSNR of every tried γ (the tuning record).
@@ -139,7 +140,7 @@ def tune_step_size(physics, images: torch.Tensor, denoiser, base_step: float, it
     record = {}
     for factor in factors:
         run = evaluate_solver("tune", physics, images, denoiser, factor * base_step, iterations,
-                              noise_seed=noise_seed, progress=False)
+                              preconditioner=preconditioner, noise_seed=noise_seed, progress=False)
         value = float(run.psnr[iterations].mean())
         record[f"{factor * base_step:.6g}"] = value if math.isfinite(value) else float("-inf")
     best = max(record, key=record.get)

@@ -1,0 +1,235 @@
+r"""Every preconditioner in one preconditioned PnP-FISTA, on any task: the paper's Table I.
+
+``benchmark(tasks, methods)`` tunes the non-learned methods on the validation split, trains
+the learned ones (each a resumable run directory, reused when finished), evaluates everything
+on the test split to 2K iterations and writes, per task and for all tasks together,
+``table.md``, ``table.csv``, ``results.json``, example reconstructions and PSNR-vs-iteration
+curves.
+
+Methods (:data:`METHODS`):
+
+* non-learned — ``baseline`` (P = I), ``newton`` (P = (AᵀA + δI)⁻¹, Fessler & Booth 1999),
+  ``poly-l2`` / ``poly-chebyshev`` / ``poly-ifista`` (P = p(AᵀA/L) of degree 4, Iyer et al.
+  2024). Their step size γ (and δ, and the Chebyshev interval's lower edge) are tuned on the
+  validation split; every tried value and its validation PSNR are recorded.
+* learned linear (Ehrhardt, Fahy & Golbabaee 2024) — ``scalar``, ``pointwise``,
+  ``convolutional``, ``full``, each trained with their paper's objective-decrease loss
+  (``-objective``) and with our supervised loss (``-supervised``);
+* learned nonlinear — ``supervised`` (NPO, L_s only) and ``d2gp``; and ``teacher``, the
+  teacher operator's plain PnP-FISTA (the upper bound).
+
+On a projector AᵀA (±1 SPC rows, an MRI mask symmetric in k-space) the Newton
+preconditioner only rescales the step: the data-fidelity gradient lies in range(Aᵀ) where
+(AᵀA + δI)⁻¹ = 1/(1 + δ). It differs from the baseline on real-image MRI (columns whose mirror
+is not sampled have eigenvalue ½), on {0,1} SPC patterns and on blur + decimation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from d2gp.apps import ensure_trained
+from d2gp.checkpoints import CheckpointError
+from d2gp.evaluation import evaluate_solver, format_mean_std, mean_std, tune_step_size
+from d2gp.plots import examples_figure, psnr_curves
+from d2gp.preconditioners.classical import Newton, Polynomial
+from d2gp.reports import markdown_table, write_results
+from d2gp.solver import pnp_fista
+from d2gp.tasks import Task, make_task
+from d2gp.training import TrainConfig, load_npo
+
+__all__ = ["METHODS", "BENCHMARK_PROFILES", "benchmark", "Method"]
+
+
+@dataclass(frozen=True)
+class Method:
+    """One row of the table: how to get its preconditioner."""
+
+    label: str
+    learned: bool
+    #: TrainConfig fields of a learned method (``preconditioner``, ``method``).
+    train: dict | None = None
+
+
+METHODS: dict[str, Method] = {
+    "baseline": Method("Baseline (P = I, tuned γ)", False),
+    "newton": Method("Hessian / Newton (Fessler & Booth 1999)", False),
+    "poly-l2": Method("Polynomial, ℓ2 (Iyer et al. 2024)", False),
+    "poly-chebyshev": Method("Polynomial, ℓ∞ / Chebyshev (Iyer et al. 2024)", False),
+    "poly-ifista": Method("Polynomial, iFISTA (Bhotto et al. 2015)", False),
+    **{f"{kind}-{loss}": Method(f"{name} ({'objective decrease' if loss == 'objective' else 'supervised loss'})", True,
+                                {"preconditioner": kind, "method": loss})
+       for kind, name in (("scalar", "Scalar step"), ("pointwise", "Pointwise"), ("convolutional", "Convolutional"),
+                          ("full", "Full-linear"))
+       for loss in ("objective", "supervised")},
+    "supervised": Method("Supervised (NPO, L_s only)", True, {"preconditioner": "npo", "method": "supervised"}),
+    "d2gp": Method("D2GP", True, {"preconditioner": "npo", "method": "d2gp"}),
+    "teacher": Method("Teacher (upper bound)", False),
+}
+
+#: Per profile: the training settings of every learned method, per task (one budget for all,
+#: for a fair comparison), the validation images for tuning and the test images scored.
+#: ``quick`` is sized for the whole table on three tasks in about an hour on 2 CPU cores;
+#: ``paper`` is for a GPU.
+BENCHMARK_PROFILES = {
+    "quick": {
+        "train": {"spc": dict(train_images=128, epochs=2, batch_size=16, val_images=32),
+                  "mri": dict(train_images=48, epochs=1, batch_size=8, val_images=16),
+                  "sr": dict(train_images=48, epochs=1, batch_size=8, val_images=16)},
+        "tune_images": 32, "test_images": {"spc": 200, "mri": None, "sr": None},
+    },
+    "paper": {
+        "train": {task: dict(train_images=None, epochs=30, batch_size=32, val_images=200) for task in ("spc", "mri", "sr")},
+        "tune_images": 200, "test_images": {"spc": None, "mri": None, "sr": None},
+    },
+}
+
+NEWTON_DELTAS = (1e-3, 1e-2, 1e-1, 1.0)  # × ‖AᵀA‖
+CHEBYSHEV_LOWER = (1e-3, 1e-2, 1e-1)
+STEP_FACTORS = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
+
+
+def _tune(task: Task, val: torch.Tensor, denoiser, K: int, candidates: dict[str, Callable[[], torch.nn.Module | None]],
+          base_step: float) -> tuple[torch.nn.Module | None, float, dict]:
+    """The candidate preconditioner and step γ = f·base_step with the best validation PSNR at K."""
+    best, record = None, {}
+    for name, build in candidates.items():
+        P = build()
+        gamma, tried = tune_step_size(task.student, val, denoiser, base_step, K, factors=STEP_FACTORS, preconditioner=P)
+        record[name] = tried
+        score = tried[f"{gamma:.6g}"]
+        if best is None or score > best[0]:
+            best = (score, name, P, gamma)
+    score, name, P, gamma = best
+    return P, gamma, {"chosen": name, "step_size": gamma, "val_psnr": score, "tried": record}
+
+
+def _classical(name: str, task: Task, val: torch.Tensor, denoiser, K: int):
+    shape, L = task.image_shape, task.student_norm
+    if name == "baseline":
+        return _tune(task, val, denoiser, K, {"identity": lambda: None}, task.student_step_size)
+    if name == "newton":  # the natural step of a Newton preconditioner is 1
+        return _tune(task, val, denoiser, K, {f"delta={d:g}·L": (lambda d=d: Newton(task.student, d * L, shape))
+                                              for d in NEWTON_DELTAS}, 1.0)
+    choice = name.split("-", 1)[1]
+    if choice == "chebyshev":
+        candidates = {f"lower={lo:g}": (lambda lo=lo: Polynomial.from_choice(task.student, shape, "chebyshev", lower=lo, norm=L))
+                      for lo in CHEBYSHEV_LOWER}
+    else:
+        candidates = {choice: lambda: Polynomial.from_choice(task.student, shape, choice, norm=L)}
+    return _tune(task, val, denoiser, K, candidates, task.student_step_size)  # p(AᵀA/L) ≈ L (AᵀA)⁻¹: γ = 1/L
+
+
+@torch.no_grad()
+def _seconds_per_image(physics, images, denoiser, step, K, P) -> float:
+    y = physics.A(images)
+    began = time.perf_counter()
+    pnp_fista(physics, y, denoiser, step, K, P)
+    return (time.perf_counter() - began) / len(images)
+
+
+def _parameters(P) -> int:
+    return sum(p.numel() for p in P.parameters()) if isinstance(P, torch.nn.Module) else 0
+
+
+def benchmark(tasks: Sequence[str] = ("spc", "mri", "sr"), methods: Sequence[str] = tuple(METHODS), *,
+              profile: str = "quick", seeds: Sequence[int] = (0,), out: str | os.PathLike = "results/benchmark",
+              runs: str | os.PathLike = "runs/benchmark", iterations: int = 20, examples: int = 4,
+              progress: bool = True, task_settings: dict | None = None, limit: int | None = None,
+              tune_images: int | None = None, **train_overrides) -> dict:
+    """Run ``methods`` on ``tasks`` (see the module documentation); returns the tables and results.
+
+    :param seeds: training seeds of the learned methods (non-learned ones do not depend on it).
+    :param runs: where the training runs live: ``runs/TASK/METHOD-seedS`` (reused when finished).
+    :param task_settings: task overrides (for all tasks), e.g. ``{"image_size": 16}`` in tests.
+    :param limit, tune_images: cap the test images / set the validation images for tuning (default: the profile's).
+    :param train_overrides: :class:`~d2gp.training.TrainConfig` fields on top of the profile's.
+    """
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise CheckpointError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    if profile not in BENCHMARK_PROFILES:
+        raise CheckpointError(f"unknown profile {profile!r}; choose one of {', '.join(BENCHMARK_PROFILES)}")
+    settings = BENCHMARK_PROFILES[profile]
+    out, runs = Path(out), Path(runs)
+    header = ["method", "learned", f"PSNR K={iterations} (dB)", f"SSIM K={iterations}", f"PSNR 2K={2 * iterations} (dB)",
+              "seed spread (dB)", "parameters", "ratio to D2GP", "training (min)", "inference (ms/image)"]
+    all_rows, results = [], {}
+    for task_name in tasks:
+        task = make_task(task_name, **(task_settings or {}))
+        denoiser = task.denoiser()
+        train_settings = {**settings["train"].get(task_name, settings["train"]["spc"]), **train_overrides}
+        val = task.images("val", limit=tune_images or settings["tune_images"])
+        test = task.images("test", limit=limit or settings["test_images"].get(task_name))
+        timing_batch = test[: min(16, len(test))]
+        entries = []
+        for name in tqdm(methods, desc=f"benchmark {task_name}", disable=not progress):
+            method = METHODS[name]
+            evaluations, trained_seconds, record, params = [], [], {}, 0
+            if method.learned:
+                for seed in seeds:
+                    config = TrainConfig(task=task_name, task_settings=task_settings or {}, seed=seed,
+                                         iterations=iterations, **{**train_settings, **method.train})
+                    run_dir = ensure_trained(config, runs / task_name / f"{name}-seed{seed}", progress=progress)
+                    P, _ = load_npo(run_dir / "best.pt", task)
+                    summary = json.loads((run_dir / "summary.json").read_text())
+                    trained_seconds.append(summary["seconds_per_epoch"] * summary["epochs"])
+                    evaluations.append((P, task.student, task.student_step_size))
+                    record[f"seed{seed}"] = str(run_dir)
+            elif name == "teacher":
+                evaluations.append((None, task.teacher, task.teacher_step_size))
+            else:
+                P, gamma, record = _classical(name, task, val, denoiser, iterations)
+                evaluations.append((P, task.student, gamma))
+            runs_of_method, seconds = [], []
+            for P, physics, step in evaluations:
+                params = _parameters(P)
+                runs_of_method.append(evaluate_solver(method.label, physics, test, denoiser, step, 2 * iterations,
+                                                      preconditioner=P, ssim_at=(iterations,), keep_examples=examples,
+                                                      progress=False))
+                seconds.append(_seconds_per_image(physics, timing_batch, denoiser, step, iterations, P))
+            entries.append((name, method, runs_of_method, params, trained_seconds, record, evaluations[0][2],
+                            1000 * sum(seconds) / len(seconds)))
+        d2gp_params = next((e[3] for e in entries if e[0] == "d2gp"), None)
+        rows, task_results = [], []
+        for name, method, runs_of_method, params, trained_seconds, record, step, ms in entries:
+            K, K2 = iterations, 2 * iterations
+            pooled = {k: torch.cat([r.psnr[k] for r in runs_of_method]) for k in (K, K2)}
+            ssim_pooled = torch.cat([r.ssim[K] for r in runs_of_method])
+            seed_means = [float(r.psnr[K].mean()) for r in runs_of_method]
+            spread = f"{mean_std(seed_means)[1]:.2f}" if len(seed_means) > 1 else "—"
+            ratio = f"{params / d2gp_params:.3g}" if (d2gp_params and method.learned) else "—"
+            minutes = f"{sum(trained_seconds) / len(trained_seconds) / 60:.1f}" if trained_seconds else "—"
+            rows.append([method.label, "yes" if method.learned else "no", format_mean_std(pooled[K]),
+                         format_mean_std(ssim_pooled, 3), format_mean_std(pooled[K2]), spread,
+                         params if method.learned else "—", ratio, minutes, f"{ms:.1f}"])
+            task_results.append({"method": name, "label": method.label, "learned": method.learned, "parameters": params,
+                                 "seeds": len(runs_of_method), "psnr_seed_means": seed_means,
+                                 "psnr": {k: mean_std(v) for k, v in pooled.items()}, "ssim": mean_std(ssim_pooled),
+                                 "psnr_per_iteration": [float(torch.stack([r.psnr[k].mean() for r in runs_of_method]).mean())
+                                                        for k in range(K2 + 1)],
+                                 "training_seconds": trained_seconds, "inference_ms_per_image": ms,
+                                 "step_size": step, "tuning_or_runs": record})
+        task_out = out / task_name
+        task_config = {"profile": profile, "train": train_settings, "seeds": list(seeds), "iterations": iterations,
+                       "task": task.config.to_dict(), "test_images": len(test), "tune_images": len(val)}
+        write_results(task_out, header, rows, {"config": task_config, "methods": task_results})
+        first_runs = [e[2][0] for e in entries]
+        examples_figure(test, first_runs, iterations, task_out / "examples.png", f"{task.name}: PnP-FISTA, K = {iterations}")
+        psnr_curves({r["label"]: r["psnr_per_iteration"] for r in task_results}, task_out / "psnr_curves.png",
+                    title=f"{task.name}: PSNR over iterations", train_iterations=iterations)
+        results[task_name] = {"config": task_config, "methods": task_results, "table": markdown_table(header, rows)}
+        all_rows += [[task_name, *row] for row in rows]
+        if progress:
+            tqdm.write(f"\n{task_name}:\n" + markdown_table(header, rows))
+    write_results(out, ["task", *header], all_rows, {"tasks": {t: {k: v for k, v in r.items() if k != "table"}
+                                                              for t, r in results.items()}})
+    return {"table": markdown_table(["task", *header], all_rows), "results": results, "out": str(out)}
