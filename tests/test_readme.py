@@ -19,3 +19,15 @@ def test_readme_opens_with_two_commands_and_ci_runs_the_second():
     assert "pip install" in tests and "pytest" in tests
     ci = (ROOT / ".ci" / "run").read_text()
     assert tests in ci, "'.ci/run' must run the README's test command verbatim"
+
+
+def test_readme_python_examples_run():
+    """The README's Python snippets work as written (the training one is skipped: it trains for minutes)."""
+    readme = (ROOT / "README.md").read_text()
+    snippets = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    runnable = [code for code in snippets if "train(" not in code]
+    assert len(runnable) >= 2
+    namespace: dict = {}
+    for code in runnable:
+        exec(compile(code, "README.md", "exec"), namespace)
+    assert namespace["x_hat"].shape == namespace["x"].shape
