@@ -3,23 +3,15 @@
 import json
 
 import pytest
-import torch
-
 from d2gp.benchmark import METHODS, benchmark
-from d2gp.denoisers import build_dncnn, save_denoiser
 from d2gp.tasks import make_task
 from d2gp.training import TrainConfig, build_preconditioner
 
 
 @pytest.fixture(scope="module")
-def tiny_benchmark(tmp_path_factory):
+def tiny_benchmark(tmp_path_factory, tiny_denoiser):
     folder = tmp_path_factory.mktemp("bench")
-    torch.manual_seed(0)
-    denoiser = build_dncnn(1, depth=3, features=8)
-    with torch.no_grad():
-        denoiser.out_conv.weight.mul_(0.1)
-    save_denoiser(denoiser, folder / "dncnn.pt")
-    settings = {"image_size": 16, "denoiser": str(folder / "dncnn.pt")}
+    settings = {"image_size": 16, "denoiser": str(tiny_denoiser)}
     overrides = dict(train_images=8, val_images=4, epochs=1, batch_size=8, npo={"width": 8, "blocks": 1})
     result = benchmark(["spc"], list(METHODS), out=folder / "out", runs=folder / "runs", iterations=2, examples=2,
                        progress=False, task_settings=settings, limit=12, tune_images=8, **overrides)

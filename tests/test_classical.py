@@ -24,13 +24,7 @@ from d2gp.tasks.sr import make_downsampling
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread is fastest, and avoids OpenMP contention on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _dense(matrix: torch.Tensor, shape=(1, 4, 4)) -> LinearPhysics:

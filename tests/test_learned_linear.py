@@ -19,13 +19,7 @@ VARIANTS = [("scalar", {}), ("pointwise", {}), ("convolutional", {}),
             ("convolutional", {"padding": "circular", "kernel_size": 3}), ("full", {})]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread is fastest, and avoids OpenMP contention on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

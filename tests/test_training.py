@@ -7,7 +7,6 @@ import torch
 
 import d2gp.training as training
 from d2gp.checkpoints import CheckpointError, atomic_save, load_checkpoint
-from d2gp.denoisers import build_dncnn, save_denoiser
 from d2gp.losses import LossWeights, cosine_distance, gradient_loss, imitation_loss, supervised_loss
 from d2gp.solver import pnp_fista
 from d2gp.tasks import make_task
@@ -45,17 +44,11 @@ def test_truncated_unrolling_stops_gradients():
 
 # --- training -----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tiny_denoiser):
     """A 16×16 SPC task with a small fixed denoiser, and 16 + 8 smooth images."""
-    folder = tmp_path_factory.mktemp("tiny")
-    torch.manual_seed(0)
-    denoiser = build_dncnn(1, depth=3, features=8)
-    with torch.no_grad():
-        denoiser.out_conv.weight.mul_(0.1)
-    save_denoiser(denoiser, folder / "dncnn.pt")
     g = torch.Generator().manual_seed(0)
     images = torch.nn.functional.avg_pool2d(torch.rand((24, 1, 20, 20), generator=g), 5, stride=1)
-    settings = {"image_size": 16, "denoiser": str(folder / "dncnn.pt")}
+    settings = {"image_size": 16, "denoiser": str(tiny_denoiser)}
     return {"settings": settings, "train": images[:16], "val": images[16:]}
 
 
