@@ -217,6 +217,7 @@ def benchmark(tasks: Sequence[str] = ("spc", "mri", "sr"), methods: Sequence[str
                                  "psnr_per_iteration": [float(torch.stack([r.psnr[k].mean() for r in runs_of_method]).mean())
                                                         for k in range(K2 + 1)],
                                  "training_seconds": trained_seconds, "inference_ms_per_image": ms,
+                                 "parameter_megabytes": 4 * params / 1e6,  # float32; Adam training holds 4×
                                  "step_size": step, "tuning_or_runs": record})
         task_out = out / task_name
         task_config = {"profile": profile, "train": train_settings, "seeds": list(seeds), "iterations": iterations,
