@@ -175,3 +175,14 @@ def test_config_is_saved_next_to_the_run(tiny, tmp_path):
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["train"]["iterations"] == 3 and saved["task"]["image_size"] == 16
     assert saved["environment"]["torch"] and saved["data"]["train"] == 16
+
+
+@pytest.mark.parametrize("task_name", ["spc", "mri", "sr"])
+@pytest.mark.parametrize("method", ["d2gp", "supervised"])
+def test_shipped_npo_weights_load_and_run(task_name, method):
+    task = make_task(task_name)
+    npo, meta = load_npo(method, task)
+    assert meta["method"] == method and meta["task"] == task_name and meta["kind"] == "npo"
+    grad = torch.randn(2, *task.image_shape)
+    with torch.no_grad():
+        assert torch.isfinite(npo(grad, 0)).all() and npo(grad, 0).shape == grad.shape

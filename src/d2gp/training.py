@@ -197,7 +197,7 @@ def load_npo(source: str | os.PathLike, task: Task | None = None) -> tuple[NPO, 
         npo.load_state_dict(data["state_dict"])
     except (TypeError, ValueError, RuntimeError) as error:
         raise CheckpointError(f"weights {path} do not fit the {kind} architecture {data['npo']}: {str(error)[:200]}") from None
-    meta = {k: v for k, v in data.items() if k != "state_dict"}
+    meta = {**{k: v for k, v in data.items() if k != "state_dict"}, "kind": kind}  # files before "kind": NPOs
     return npo.eval(), meta
 
 
