@@ -115,6 +115,9 @@ def test_demo_runs_end_to_end_tiny(tmp_path):
     result = demo(tmp_path / "demo", limit=8, progress=False, **overrides)
     assert "| D2GP |" in result["table"] and "| Supervised |" in result["table"]
     mtime = (tmp_path / "demo" / "d2gp" / "best.pt").stat().st_mtime
+    saved = json.loads((tmp_path / "demo" / "d2gp" / "config.json").read_text())
+    del saved["train"]["linear"]  # a run made before this field existed
+    (tmp_path / "demo" / "d2gp" / "config.json").write_text(json.dumps(saved))
     demo(tmp_path / "demo", limit=8, progress=False, **overrides)  # finished runs are reused
     assert (tmp_path / "demo" / "d2gp" / "best.pt").stat().st_mtime == mtime
     with pytest.raises(TrainingError, match="configuration differs in lr"):  # never overwrites another run

@@ -17,7 +17,7 @@ from d2gp.evaluation import evaluate_solver, format_mean_std, tune_step_size
 from d2gp.plots import examples_figure, psnr_curves
 from d2gp.reports import markdown_table, write_results
 from d2gp.tasks import make_task
-from d2gp.training import TrainConfig, load_npo, train
+from d2gp.training import TrainConfig, load_npo, saved_train_config, train
 
 __all__ = ["evaluate_runs", "demo", "ensure_trained", "profile_settings", "PROFILES", "TASK_PROFILES"]
 
@@ -53,7 +53,7 @@ def ensure_trained(config: TrainConfig, run_dir: str | os.PathLike, *, resume: b
     run_dir = Path(run_dir)
     config_path = run_dir / "config.json"
     finished = (run_dir / "summary.json").is_file() and config_path.is_file() and \
-        json.loads(config_path.read_text())["train"] == config.to_json_dict()
+        saved_train_config(run_dir) == config.to_json_dict()
     if not finished:
         train(config, run_dir, resume=resume and (run_dir / "checkpoint.pt").exists(), progress=progress)
     return run_dir

@@ -50,7 +50,7 @@ from d2gp.reports import environment
 from d2gp.solver import pnp_fista
 from d2gp.tasks import Task, make_task
 
-__all__ = ["TrainConfig", "TrainingError", "train", "load_npo", "save_npo", "shipped_npo_path", "build_preconditioner",
+__all__ = ["TrainConfig", "TrainingError", "train", "saved_train_config", "load_npo", "save_npo", "shipped_npo_path", "build_preconditioner",
            "NPO_FORMAT", "METHODS", "PRECONDITIONERS", "UNROLL_MODES"]
 
 NPO_FORMAT = "d2gp-npo"
@@ -247,6 +247,13 @@ def _loss(config: TrainConfig, task: Task, npo: NPO, denoiser, x: torch.Tensor, 
     return loss, {name: value.item() for name, value in terms.items()}
 
 
+def saved_train_config(run_dir: str | os.PathLike) -> dict:
+    """The run's saved training configuration, as :meth:`TrainConfig.to_json_dict` gives it today
+    (fields added since the run was made take their defaults, so older runs still match)."""
+    saved = json.loads((Path(run_dir) / "config.json").read_text())["train"]
+    return TrainConfig.from_dict(saved).to_json_dict()
+
+
 def _check_run_dir(run_dir: Path, config: TrainConfig, resume: bool) -> None:
     saved = run_dir / "config.json"
     if (run_dir / "checkpoint.pt").exists():
@@ -254,7 +261,7 @@ def _check_run_dir(run_dir: Path, config: TrainConfig, resume: bool) -> None:
             raise TrainingError(f"{run_dir} already holds a training run: pass resume=True (--resume) to continue it, "
                                 f"or choose another directory")
         if saved.is_file():
-            previous, current = json.loads(saved.read_text())["train"], config.to_json_dict()
+            previous, current = saved_train_config(run_dir), config.to_json_dict()
             if previous != current:
                 changed = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
                 raise TrainingError(f"cannot resume {run_dir}: its configuration differs in {', '.join(changed)}")
