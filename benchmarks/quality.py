@@ -12,20 +12,16 @@ Training runs live in ``--runs`` (resumable; finished runs are reused).
 
 import argparse
 import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from d2gp.apps import PROFILES, ensure_trained, evaluate_runs, profile_settings
-from d2gp.evaluation import mean_std
+from d2gp.evaluation import format_mean_std as cell
 from d2gp.reports import markdown_table, write_results
 from d2gp.training import TrainConfig
-
-
-def cell(values):
-    mean, std = mean_std(values)
-    return f"{mean:.2f} ± {std:.2f}"
 
 
 def main():
@@ -49,7 +45,12 @@ def main():
             base = TrainConfig(task=task, seed=seed, **{**profile_settings(args.profile, task), **overrides})
             run_dirs = [ensure_trained(replace(base, method=method), Path(args.runs) / task / f"{method}-seed{seed}")
                         for method in ("d2gp", "supervised")]
-            evaluation = evaluate_runs(run_dirs, out=Path(args.runs) / task / f"evaluation-seed{seed}")
+            seed_out = Path(args.out) / task / f"seed{seed}"  # per-seed table, curves, examples, logs, configs
+            evaluation = evaluate_runs(run_dirs, out=seed_out)
+            for run_dir in run_dirs:
+                method = run_dir.name.split("-seed")[0]
+                shutil.copyfile(run_dir / "log.csv", seed_out / f"log-{method}.csv")
+                shutil.copyfile(run_dir / "config.json", seed_out / f"config-{method}.json")
             K = evaluation["results"]["iterations"]
             for method in evaluation["results"]["methods"]:
                 entry = per_method.setdefault(method["label"], {"K": [], "2K": []})
