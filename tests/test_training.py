@@ -186,3 +186,23 @@ def test_shipped_npo_weights_load_and_run(task_name, method):
     grad = torch.randn(2, *task.image_shape)
     with torch.no_grad():
         assert torch.isfinite(npo(grad, 0)).all() and npo(grad, 0).shape == grad.shape
+
+
+@pytest.mark.parametrize("kind, expected", [("npo", 1e-3), ("scalar", 3e-2), ("pointwise", 3e-2),
+                                            ("convolutional", 1e-3), ("full", 1e-5)])
+def test_default_learning_rate_per_preconditioner(tiny, kind, expected):
+    config = _config(tiny, lr=None, preconditioner=kind)
+    task = make_task(config.task, **config.task_settings)
+    optimizer = training._build_optimizer(config, training.build_preconditioner(config, task))
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(expected)
+    explicit = _config(tiny, lr=0.5, preconditioner=kind)
+    assert training._build_optimizer(explicit, training.build_preconditioner(explicit, task)).param_groups[0]["lr"] == 0.5
+
+
+def test_runs_saved_with_the_old_explicit_default_still_match(tiny, tmp_path):
+    """Before lr=None, config.json held the NPO's 1e-3: that run is the same as one with the default."""
+    (tmp_path / "config.json").write_text(json.dumps({"train": {**_config(tiny).to_dict(), "lr": 1e-3}}))
+    assert training.saved_train_config(tmp_path) == _config(tiny, lr=None).to_json_dict()
+    assert training.saved_train_config(tmp_path) != _config(tiny, lr=2e-3).to_json_dict()
+    assert _config(tiny, lr=3e-2, preconditioner="scalar").to_json_dict()["lr"] is None
+    assert _config(tiny, lr=1e-3, preconditioner="scalar").to_json_dict()["lr"] == 1e-3

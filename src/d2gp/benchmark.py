@@ -76,18 +76,22 @@ METHODS: dict[str, Method] = {
 }
 
 #: Per profile: the training settings of every learned method, per task (one budget for all,
-#: for a fair comparison), the validation images for tuning and the test images scored.
-#: ``quick`` is sized for the whole table on three tasks in about an hour on 2 CPU cores;
-#: ``paper`` is for a GPU.
+#: for a fair comparison), the learning rates that differ from the preconditioner's default
+#: (:data:`d2gp.training.DEFAULT_LR`; chosen on the validation split by ``benchmarks/linear_lr.py``:
+#: the dense matrix takes 1e-3 on 32×32 SPC, where its default 1e-5 barely moves it), the
+#: validation images for tuning and the test images scored. ``quick`` is sized for the whole
+#: table on three tasks in under an hour on 2 CPU cores; ``paper`` is for a GPU.
 BENCHMARK_PROFILES = {
     "quick": {
-        "train": {"spc": dict(train_images=128, epochs=2, batch_size=16, val_images=32),
-                  "mri": dict(train_images=48, epochs=1, batch_size=8, val_images=16),
-                  "sr": dict(train_images=48, epochs=1, batch_size=8, val_images=16)},
+        "train": {"spc": dict(train_images=256, epochs=2, batch_size=16, val_images=32),
+                  "mri": dict(train_images=64, epochs=2, batch_size=8, val_images=16),
+                  "sr": dict(train_images=64, epochs=2, batch_size=8, val_images=16)},
+        "lr": {"spc": {"full": 1e-3}},
         "tune_images": 32, "test_images": {"spc": 200, "mri": None, "sr": None},
     },
     "paper": {
         "train": {task: dict(train_images=None, epochs=30, batch_size=32, val_images=200) for task in ("spc", "mri", "sr")},
+        "lr": {"spc": {"full": 1e-3}},
         "tune_images": 200, "test_images": {"spc": None, "mri": None, "sr": None},
     },
 }
@@ -95,21 +99,25 @@ BENCHMARK_PROFILES = {
 NEWTON_DELTAS = (1e-3, 1e-2, 1e-1, 1.0)  # × ‖AᵀA‖
 CHEBYSHEV_LOWER = (1e-3, 1e-2, 1e-1)
 STEP_FACTORS = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
+REFINE_STEPS = 6  # golden-section steps on γ between the best factor's neighbours
 
 
 def _tune(task: Task, val: torch.Tensor, denoiser, K: int, candidates: dict[str, Callable[[], torch.nn.Module | None]],
           base_step: float) -> tuple[torch.nn.Module | None, float, dict]:
-    """The candidate preconditioner and step γ = f·base_step with the best validation PSNR at K."""
+    """The candidate preconditioner and step γ with the best validation PSNR at K: every candidate on
+    the grid γ = f·base_step (f in :data:`STEP_FACTORS`), then γ refined for the best one only."""
     best, record = None, {}
     for name, build in candidates.items():
         P = build()
-        gamma, tried = tune_step_size(task.student, val, denoiser, base_step, K, factors=STEP_FACTORS, preconditioner=P)
+        gamma, tried = tune_step_size(task.student, val, denoiser, base_step, K, factors=STEP_FACTORS, preconditioner=P,
+                                      refine=0)
         record[name] = tried
-        score = tried[f"{gamma:.6g}"]
-        if best is None or score > best[0]:
-            best = (score, name, P, gamma)
-    score, name, P, gamma = best
-    return P, gamma, {"chosen": name, "step_size": gamma, "val_psnr": score, "tried": record}
+        if best is None or tried[f"{gamma:.6g}"] > best[0]:
+            best = (tried[f"{gamma:.6g}"], name, P)
+    _, name, P = best
+    gamma, record[name] = tune_step_size(task.student, val, denoiser, base_step, K, factors=STEP_FACTORS,
+                                         preconditioner=P, refine=REFINE_STEPS, tried=record[name])
+    return P, gamma, {"chosen": name, "step_size": gamma, "val_psnr": record[name][f"{gamma:.6g}"], "tried": record}
 
 
 def _classical(name: str, task: Task, val: torch.Tensor, denoiser, K: int):
@@ -175,9 +183,10 @@ def benchmark(tasks: Sequence[str] = ("spc", "mri", "sr"), methods: Sequence[str
             method = METHODS[name]
             evaluations, trained_seconds, record, params = [], [], {}, 0
             if method.learned:
+                lr = settings.get("lr", {}).get(task_name, {}).get(method.train["preconditioner"])
                 for seed in seeds:
-                    config = TrainConfig(task=task_name, task_settings=task_settings or {}, seed=seed,
-                                         iterations=iterations, **{**train_settings, **method.train})
+                    config = TrainConfig(task=task_name, task_settings=task_settings or {}, seed=seed, iterations=iterations,
+                                         **{**({"lr": lr} if lr else {}), **train_settings, **method.train})
                     run_dir = ensure_trained(config, runs / task_name / f"{name}-seed{seed}", progress=progress)
                     P, _ = load_npo(run_dir / "best.pt", task)
                     summary = json.loads((run_dir / "summary.json").read_text())

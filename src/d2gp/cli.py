@@ -65,7 +65,7 @@ _TRAIN_FLAGS = {
     "train_images": "training images used (default: the profile's; 0 = all)",
     "val_images": "validation images scored after each epoch",
     "optimizer": "adam or adamw",
-    "lr": "learning rate",
+    "lr": "learning rate (default: per preconditioner, NPO 1e-3, scalar and pointwise 3e-2, convolutional 1e-3, full 1e-5)",
     "weight_decay": "weight decay (AdamW)",
     "lambda_gradient": "λ_g, weight of the gradient (cosine) loss",
     "lambda_imitation": "λ_i, weight of the imitation loss (student vs teacher output)",
@@ -103,9 +103,9 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag, dest=f"train_{name}", action=argparse.BooleanOptionalAction, default=None,
                                help=f"{help_text} (default {default})")
         else:
-            kind = float if isinstance(default, float) else int if isinstance(default, int) or default is None else str
+            kind = float if isinstance(default, float) or name == "lr" else int if isinstance(default, int) or default is None else str
             group.add_argument(flag, dest=f"train_{name}", type=kind, default=None, metavar=kind.__name__.upper(),
-                               help=f"{help_text} (default {default})")
+                               help=help_text if default is None and name == "lr" else f"{help_text} (default {default})")
     group = parser.add_argument_group("NPO architecture")
     for name, (kind, help_text) in _NPO_FLAGS.items():
         flag = f"--{name.replace('_', '-')}"

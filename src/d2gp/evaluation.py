@@ -19,7 +19,7 @@ from d2gp.solver import pnp_fista
 from d2gp.tasks.base import measure
 
 __all__ = ["psnr", "ssim", "mean_std", "format_mean_std", "SolverRun", "evaluate_solver", "spread_indices",
-           "tune_step_size"]
+           "golden_section_max", "tune_step_size"]
 
 _PSNR = PSNR(max_pixel=1.0)
 _SSIM = SSIM(max_pixel=1.0)
@@ -130,18 +130,52 @@ def evaluate_solver(
 
 
 @torch.no_grad()
+def golden_section_max(f: Callable[[float], float], low: float, high: float, evaluations: int) -> float:
+    """The argmax of a unimodal ``f`` on ``[low, high]`` by golden-section search: ``evaluations`` calls of
+    ``f`` at interior points (none, and ``low`` is returned, when fewer than 2 or ``high <= low``)."""
+    ratio = (math.sqrt(5) - 1) / 2
+    if evaluations < 2 or high <= low:
+        return low
+    c, d = high - ratio * (high - low), low + ratio * (high - low)
+    fc, fd = f(c), f(d)
+    for _ in range(evaluations - 2):
+        if fc >= fd:  # the maximum is in [low, d]
+            high, d, fd = d, c, fc
+            c = high - ratio * (high - low)
+            fc = f(c)
+        else:  # in [c, high]
+            low, c, fc = c, d, fd
+            d = low + ratio * (high - low)
+            fd = f(d)
+    return c if fc >= fd else d
+
+
 def tune_step_size(physics, images: torch.Tensor, denoiser, base_step: float, iterations: int,
                    factors: Sequence[float] = (0.5, 0.75, 1.0, 1.5, 2.0, 3.0), noise_seed: int = 10_000,
-                   preconditioner=None) -> tuple[float, dict]:
-    """Pick γ = f·base_step, f in ``factors``, with the best mean PSNR at K on ``images`` (a validation split).
+                   preconditioner=None, refine: int = 6, tried: dict | None = None) -> tuple[float, dict]:
+    """Pick γ = f·base_step with the best mean PSNR at K on ``images`` (a validation split).
 
+    Every factor of the grid ``factors`` is tried, then ``refine`` more by golden-section search
+    between the best factor's neighbours on the grid (PSNR is unimodal in γ below the step where
+    the iteration diverges), so that the choice is not limited by the grid's spacing.
+
+    :param tried: a record of an earlier call with the same problem (γ → PSNR): those γ are not run again.
     :return: the chosen γ and the PSNR of every tried γ (the tuning record).
     """
-    record = {}
-    for factor in factors:
-        run = evaluate_solver("tune", physics, images, denoiser, factor * base_step, iterations,
-                              preconditioner=preconditioner, noise_seed=noise_seed, progress=False)
-        value = float(run.psnr[iterations].mean())
-        record[f"{factor * base_step:.6g}"] = value if math.isfinite(value) else float("-inf")
-    best = max(record, key=record.get)
-    return float(best), record
+    record = dict(tried or {})
+
+    def score(factor: float) -> float:
+        key = f"{factor * base_step:.6g}"
+        if key not in record:
+            run = evaluate_solver("tune", physics, images, denoiser, factor * base_step, iterations,
+                                  preconditioner=preconditioner, noise_seed=noise_seed, progress=False)
+            value = float(run.psnr[iterations].mean())
+            record[key] = value if math.isfinite(value) else float("-inf")
+        return record[key]
+
+    grid = sorted(factors)
+    best = max(range(len(grid)), key=lambda i: score(grid[i]))
+    if refine > 0 and len(grid) > 1:
+        golden_section_max(score, grid[max(best - 1, 0)], grid[min(best + 1, len(grid) - 1)], refine)
+    chosen = max(record, key=record.get)
+    return float(chosen), record

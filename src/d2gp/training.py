@@ -51,13 +51,20 @@ from d2gp.solver import pnp_fista
 from d2gp.tasks import Task, make_task
 
 __all__ = ["TrainConfig", "TrainingError", "train", "saved_train_config", "load_npo", "save_npo", "shipped_npo_path", "build_preconditioner",
-           "NPO_FORMAT", "METHODS", "PRECONDITIONERS", "UNROLL_MODES"]
+           "NPO_FORMAT", "METHODS", "PRECONDITIONERS", "UNROLL_MODES", "DEFAULT_LR"]
 
 NPO_FORMAT = "d2gp-npo"
 _STATE_FORMAT = "d2gp-npo-training"
 METHODS = ("d2gp", "supervised", "objective")
 PRECONDITIONERS = ("npo", *LINEAR_PRECONDITIONERS)
 UNROLL_MODES = ("full", "checkpoint", "truncated")
+
+#: Default learning rate of each preconditioner (``TrainConfig.lr = None``), chosen on the validation
+#: split by ``benchmarks/linear_lr.py`` (SPC, MRI, and SR for ``full``). Adam moves every parameter by
+#: about ``lr`` per step: 1e-3 suits the NPO but barely moves a scalar step or a diagonal of ones in a
+#: short budget, while a dense n×n matrix's operator norm can move by about n·lr per step — 1e-3 is
+#: best for it on 32×32 SPC (n = 1024) but diverges on 64×64 MRI (n = 4096), where 1e-5 is best.
+DEFAULT_LR = {"npo": 1e-3, "scalar": 3e-2, "pointwise": 3e-2, "convolutional": 1e-3, "full": 1e-5}
 
 
 class TrainingError(RuntimeError):
@@ -77,7 +84,7 @@ class TrainConfig:
     train_images: int | None = 1000
     val_images: int = 64
     optimizer: str = "adam"
-    lr: float = 1e-3
+    lr: float | None = None  # None: the preconditioner's default, see DEFAULT_LR
     weight_decay: float = 0.0
     lambda_gradient: float = 1.0
     lambda_imitation: float = 300.0
@@ -110,7 +117,7 @@ class TrainConfig:
                 raise TrainingError(f"{name} must be ≥ 1, got {getattr(self, name)}")
         if self.unroll == "truncated" and not 1 <= self.truncate <= self.iterations:
             raise TrainingError(f"truncate must be in [1, iterations], got {self.truncate}")
-        if not self.lr > 0:
+        if self.lr is not None and not self.lr > 0:
             raise TrainingError(f"lr must be > 0, got {self.lr}")
         self.weights  # validates the λ
 
@@ -125,8 +132,15 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def to_json_dict(self) -> dict[str, Any]:
-        """:meth:`to_dict` as it reads back from ``config.json`` (tuples become lists…), for comparisons."""
-        return json.loads(json.dumps(self.to_dict()))
+        """:meth:`to_dict` as it reads back from ``config.json`` (tuples become lists…), for comparisons.
+
+        An ``lr`` equal to the preconditioner's fixed default compares as ``None`` (the default):
+        runs saved before ``lr=None`` existed wrote the NPO's 1e-3 out.
+        """
+        data = json.loads(json.dumps(self.to_dict()))
+        if data["lr"] == DEFAULT_LR.get(self.preconditioner):
+            data["lr"] = None
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
@@ -202,9 +216,10 @@ def load_npo(source: str | os.PathLike, task: Task | None = None) -> tuple[NPO, 
 
 
 # --- the training loop --------------------------------------------------------------------------
-def _build_optimizer(config: TrainConfig, npo: NPO):
+def _build_optimizer(config: TrainConfig, npo: torch.nn.Module):
     cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
-    return cls(npo.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    lr = config.lr if config.lr is not None else DEFAULT_LR[config.preconditioner]
+    return cls(npo.parameters(), lr=lr, weight_decay=config.weight_decay)
 
 
 def _loss(config: TrainConfig, task: Task, npo: NPO, denoiser, x: torch.Tensor, seed: int) -> tuple[torch.Tensor, dict]:
