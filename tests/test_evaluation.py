@@ -56,3 +56,23 @@ def test_tuning_reuses_an_earlier_record(monkeypatch):
                                    tried=grid)
     assert len(calls) == 4 and all(0.5 < step < 2.0 for step in calls)  # only the refinement ran
     assert set(grid) < set(record) and gamma == pytest.approx(1 / a2, abs=0.15)
+
+
+def test_examples_are_kept_at_the_asked_iteration(tmp_path):
+    from d2gp.evaluation import evaluate_solver
+    from d2gp.plots import examples_figure
+
+    physics = LinearPhysics(A=lambda x: 0.8 * x, A_adjoint=lambda y: 0.8 * y)
+    images = torch.rand(5, 1, 8, 8)
+    denoiser = lambda x: 0.9 * x  # noqa: E731 - contracts, so iterates differ from one k to the next
+    short = evaluate_solver("short", physics, images, denoiser, 1.0, 2, keep_examples=3, progress=False)
+    long = evaluate_solver("long", physics, images, denoiser, 1.0, 4, keep_examples=3, examples_at=2, progress=False)
+    assert short.examples_at == long.examples_at == 2
+    torch.testing.assert_close(long.examples, short.examples)
+    last = evaluate_solver("last", physics, images, denoiser, 1.0, 4, keep_examples=3, progress=False)
+    assert last.examples_at == 4 and not torch.allclose(last.examples, long.examples)
+    examples_figure(images, [short, long], 2, tmp_path / "ok.png", "k = 2")
+    with pytest.raises(ValueError, match="kept at iteration 4, not 2"):
+        examples_figure(images, [short, last], 2, tmp_path / "bad.png", "k = 2")
+    with pytest.raises(ValueError, match="examples_at"):
+        evaluate_solver("bad", physics, images, denoiser, 1.0, 2, keep_examples=1, examples_at=3, progress=False)

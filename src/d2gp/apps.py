@@ -106,7 +106,8 @@ def evaluate_runs(run_dirs: Sequence[str | os.PathLike], *, split: str = "test",
     runs = []
     for label, physics, step, preconditioner in methods:
         runs.append(evaluate_solver(label, physics, images, denoiser, step, horizon, preconditioner=preconditioner,
-                                    ssim_at=(K,), batch_size=batch_size, keep_examples=examples, progress=progress))
+                                    ssim_at=(K,), batch_size=batch_size, keep_examples=examples, examples_at=K,
+                                    progress=progress))
     header = ["method", f"PSNR K={K} (dB)", f"SSIM K={K}", f"PSNR 2K={horizon} (dB)", "step size γ", "seconds"]
     rows = [[run.label, format_mean_std(run.psnr[K]), format_mean_std(run.ssim[K], 3), format_mean_std(run.psnr[horizon]),
              f"{step:.4g}", f"{run.seconds:.1f}"] for run, (_, _, step, _) in zip(runs, methods)]

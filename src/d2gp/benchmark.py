@@ -203,6 +203,7 @@ def benchmark(tasks: Sequence[str] = ("spc", "mri", "sr"), methods: Sequence[str
                 params = _parameters(P)
                 runs_of_method.append(evaluate_solver(method.label, physics, test, denoiser, step, 2 * iterations,
                                                       preconditioner=P, ssim_at=(iterations,), keep_examples=examples,
+                                                      examples_at=iterations,
                                                       progress=False))
                 seconds.append(_seconds_per_image(physics, timing_batch, denoiser, step, iterations, P))
             entries.append((name, method, runs_of_method, params, trained_seconds, record, evaluations[0][2],

@@ -63,7 +63,8 @@ class SolverRun:
     psnr: dict[int, torch.Tensor] = field(default_factory=dict)
     ssim: dict[int, torch.Tensor] = field(default_factory=dict)
     fidelity: list[float] = field(default_factory=list)  # mean f(z_k), k = 0 … K−1
-    examples: Optional[torch.Tensor] = None  # reconstructions at K of the images ``example_indices``
+    examples: Optional[torch.Tensor] = None  # reconstructions at ``examples_at`` of the images ``example_indices``
+    examples_at: Optional[int] = None
     example_indices: list[int] = field(default_factory=list)
     seconds: float = 0.0  # wall time of the whole evaluation
 
@@ -93,12 +94,14 @@ def evaluate_solver(
     noise_seed: int = 0,
     batch_size: int = 64,
     keep_examples: int = 0,
+    examples_at: int | None = None,
     progress: bool = True,
 ) -> SolverRun:
     """Measure ``images`` with ``physics`` (noise seeded per image), run PnP-FISTA, score every iteration.
 
     PSNR is recorded after every iteration k = 0 (the initial estimate γAᵀy) … K; SSIM at the
-    iterations listed in ``ssim_at``.
+    iterations listed in ``ssim_at``. ``keep_examples`` reconstructions are kept at iteration
+    ``examples_at`` (default K).
     """
     began = time.perf_counter()
     run = SolverRun(label, iterations)
@@ -106,6 +109,9 @@ def evaluate_solver(
     ssim_k: dict[int, list[torch.Tensor]] = {k: [] for k in ssim_at if 0 <= k <= iterations}
     fidelity_sum = torch.zeros(iterations, dtype=torch.float64)
     run.example_indices = spread_indices(len(images), keep_examples)
+    run.examples_at = iterations if examples_at is None else examples_at
+    if not 0 <= run.examples_at <= iterations:
+        raise ValueError(f"examples_at must be in [0, {iterations}], got {examples_at}")
     kept: list[torch.Tensor] = []
     batches = range(0, len(images), batch_size)
     for start in tqdm(batches, desc=label, disable=not progress, leave=False):
@@ -120,7 +126,7 @@ def evaluate_solver(
                 ssim_k[k].append(ssim(estimate, x_true))
         for k, f in enumerate(trace.fidelity):
             fidelity_sum[k] += f.double().sum()
-        kept += [estimates[-1][i - start] for i in run.example_indices if start <= i < start + len(x_true)]
+        kept += [estimates[run.examples_at][i - start] for i in run.example_indices if start <= i < start + len(x_true)]
     run.psnr = {k: torch.cat(v) for k, v in enumerate(psnr_k)}
     run.ssim = {k: torch.cat(v) for k, v in ssim_k.items()}
     run.fidelity = (fidelity_sum / len(images)).tolist()
