@@ -282,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS), metavar="METHOD",
                    help=f"methods (default all: {' '.join(METHODS)})")
     p.add_argument("--profile", choices=list(BENCHMARK_PROFILES), default="quick",
-                   help="quick: the whole table on 3 tasks in about an hour on 2 CPU cores; paper: larger, for a GPU")
+                   help="quick: the whole table on 3 tasks in about 35 minutes on 2 CPU cores; paper: larger, for a GPU")
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="training seeds of the learned methods")
     p.add_argument("--iterations", "-K", type=int, default=20, help="PnP-FISTA iterations K (evaluated to 2K)")
     p.add_argument("--out", default="results/benchmark", help="output folder")
