@@ -6,7 +6,7 @@ for a dense n×n matrix, whose operator norm can change by about n·lr per step 
 64×64 MRI). This script trains each kind with each learning rate on the ``d2gp benchmark``
 quick-profile budget of each task (seed 0) and tables the best validation PSNR at K, which is
 how the defaults of :data:`d2gp.training.DEFAULT_LR` and the benchmark's per-task exceptions
-(``BENCHMARK_PROFILES[...]["lr"]``) were chosen. A later call adds its runs to the table in ``--out``.
+(``d2gp.benchmark.TASK_LR``) were chosen. A later call adds its runs to the table in ``--out``.
 
     python benchmarks/linear_lr.py --tasks spc mri --out benchmarks/results/linear_lr
     python benchmarks/linear_lr.py --tasks sr --kinds full --lrs 1e-6 1e-5
@@ -52,7 +52,7 @@ def main():
     parser.add_argument("--out", default="benchmarks/results/linear_lr")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    rows, results = [], []
+    results = []
     for task in args.tasks:
         settings = BENCHMARK_PROFILES[args.profile]["train"][task]
         for kind in args.kinds:

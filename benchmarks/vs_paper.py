@@ -13,6 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
+from d2gp.checkpoints import write_json
 from d2gp.reports import environment, markdown_table, write_table
 
 #: The paper's Table I: PSNR (dB) on SPC, MRI, SR (its data, its pretrained DnCNN, K = 20).
@@ -51,8 +52,8 @@ def main():
         rows.append([label] + [cell for t in tasks for cell in
                                (ours.get((t, method), "—"), f"{PAPER[key][TASKS.index(t)]:.2f}" if key else "—")])
     write_table(header, rows, folder / "vs_paper")
-    (folder / "vs_paper.json").write_text(json.dumps({"environment": environment(), "source": str(folder / "results.json"),
-                                                      "iterations": K, "paper": PAPER}, indent=2) + "\n")
+    write_json({"environment": environment(), "source": str(folder / "results.json"), "iterations": K, "paper": PAPER},
+               folder / "vs_paper.json")
     print(markdown_table(header, rows))
 
 

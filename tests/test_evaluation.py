@@ -9,6 +9,11 @@ from deepinv.physics import LinearPhysics
 from d2gp.evaluation import golden_section_max, tune_step_size
 
 
+def _scaled_identity(a2: float) -> LinearPhysics:
+    """A = √a2 · I, noise-free."""
+    return LinearPhysics(A=lambda x: math.sqrt(a2) * x, A_adjoint=lambda y: math.sqrt(a2) * y)
+
+
 @pytest.mark.parametrize("peak", [0.3, 1.0, 1.7])
 def test_golden_section_finds_the_peak_of_a_parabola(peak):
     calls = []
@@ -32,7 +37,7 @@ def test_golden_section_tries_interior_points_only():
 def test_tuning_refines_between_grid_points():
     """A = a·I, noise-free, identity denoiser, K = 1: x₁ = t(2 − t)·x with t = γa², best at γ = 1/a²."""
     a2 = 0.7
-    physics = LinearPhysics(A=lambda x: math.sqrt(a2) * x, A_adjoint=lambda y: math.sqrt(a2) * y)
+    physics = _scaled_identity(a2)
     images = torch.rand(3, 1, 8, 8) + 0.1
     grid_only, coarse = tune_step_size(physics, images, torch.nn.Identity(), 1.0, 1, factors=(0.5, 1.0, 2.0), refine=0)
     assert grid_only == 1.0 and set(coarse) == {"0.5", "1", "2"}
@@ -46,7 +51,7 @@ def test_tuning_reuses_an_earlier_record(monkeypatch):
     import d2gp.evaluation as evaluation
 
     a2 = 0.7
-    physics = LinearPhysics(A=lambda x: math.sqrt(a2) * x, A_adjoint=lambda y: math.sqrt(a2) * y)
+    physics = _scaled_identity(a2)
     images = torch.rand(2, 1, 8, 8) + 0.1
     _, grid = tune_step_size(physics, images, torch.nn.Identity(), 1.0, 1, factors=(0.5, 1.0, 2.0), refine=0)
     calls = []
@@ -62,7 +67,7 @@ def test_examples_are_kept_at_the_asked_iteration(tmp_path):
     from d2gp.evaluation import evaluate_solver
     from d2gp.plots import examples_figure
 
-    physics = LinearPhysics(A=lambda x: 0.8 * x, A_adjoint=lambda y: 0.8 * y)
+    physics = _scaled_identity(0.64)
     images = torch.rand(5, 1, 8, 8)
     denoiser = lambda x: 0.9 * x  # noqa: E731 - contracts, so iterates differ from one k to the next
     short = evaluate_solver("short", physics, images, denoiser, 1.0, 2, keep_examples=3, progress=False)

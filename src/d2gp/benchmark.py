@@ -75,23 +75,24 @@ METHODS: dict[str, Method] = {
     "teacher": Method("Teacher (upper bound)", False),
 }
 
+#: Learning rates that differ, per task, from the preconditioner's default
+#: (:data:`d2gp.training.DEFAULT_LR`), chosen on the validation split by ``benchmarks/linear_lr.py``:
+#: the dense matrix takes 1e-3 on 32×32 SPC, where its default 1e-5 barely moves it.
+TASK_LR = {"spc": {"full": 1e-3}}
+
 #: Per profile: the training settings of every learned method, per task (one budget for all,
-#: for a fair comparison), the learning rates that differ from the preconditioner's default
-#: (:data:`d2gp.training.DEFAULT_LR`; chosen on the validation split by ``benchmarks/linear_lr.py``:
-#: the dense matrix takes 1e-3 on 32×32 SPC, where its default 1e-5 barely moves it), the
-#: validation images for tuning and the test images scored. ``quick`` is sized for the whole
-#: table on three tasks in under an hour on 2 CPU cores; ``paper`` is for a GPU.
+#: for a fair comparison), the validation images for tuning and the test images scored.
+#: ``quick`` is sized for the whole table on three tasks in under an hour on 2 CPU cores;
+#: ``paper`` is for a GPU.
 BENCHMARK_PROFILES = {
     "quick": {
         "train": {"spc": dict(train_images=256, epochs=2, batch_size=16, val_images=32),
                   "mri": dict(train_images=64, epochs=2, batch_size=8, val_images=16),
                   "sr": dict(train_images=64, epochs=2, batch_size=8, val_images=16)},
-        "lr": {"spc": {"full": 1e-3}},
         "tune_images": 32, "test_images": {"spc": 200, "mri": None, "sr": None},
     },
     "paper": {
         "train": {task: dict(train_images=None, epochs=30, batch_size=32, val_images=200) for task in ("spc", "mri", "sr")},
-        "lr": {"spc": {"full": 1e-3}},
         "tune_images": 200, "test_images": {"spc": None, "mri": None, "sr": None},
     },
 }
@@ -99,7 +100,6 @@ BENCHMARK_PROFILES = {
 NEWTON_DELTAS = (1e-3, 1e-2, 1e-1, 1.0)  # × ‖AᵀA‖
 CHEBYSHEV_LOWER = (1e-3, 1e-2, 1e-1)
 STEP_FACTORS = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
-REFINE_STEPS = 6  # golden-section steps on γ between the best factor's neighbours
 
 
 def _tune(task: Task, val: torch.Tensor, denoiser, K: int, candidates: dict[str, Callable[[], torch.nn.Module | None]],
@@ -116,7 +116,7 @@ def _tune(task: Task, val: torch.Tensor, denoiser, K: int, candidates: dict[str,
             best = (tried[f"{gamma:.6g}"], name, P)
     _, name, P = best
     gamma, record[name] = tune_step_size(task.student, val, denoiser, base_step, K, factors=STEP_FACTORS,
-                                         preconditioner=P, refine=REFINE_STEPS, tried=record[name])
+                                         preconditioner=P, tried=record[name])
     return P, gamma, {"chosen": name, "step_size": gamma, "val_psnr": record[name][f"{gamma:.6g}"], "tried": record}
 
 
@@ -183,7 +183,7 @@ def benchmark(tasks: Sequence[str] = ("spc", "mri", "sr"), methods: Sequence[str
             method = METHODS[name]
             evaluations, trained_seconds, record, params = [], [], {}, 0
             if method.learned:
-                lr = settings.get("lr", {}).get(task_name, {}).get(method.train["preconditioner"])
+                lr = TASK_LR.get(task_name, {}).get(method.train["preconditioner"])
                 for seed in seeds:
                     config = TrainConfig(task=task_name, task_settings=task_settings or {}, seed=seed, iterations=iterations,
                                          **{**({"lr": lr} if lr else {}), **train_settings, **method.train})

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import typing
 from pathlib import Path
 
 import torch
@@ -65,7 +66,7 @@ _TRAIN_FLAGS = {
     "train_images": "training images used (default: the profile's; 0 = all)",
     "val_images": "validation images scored after each epoch",
     "optimizer": "adam or adamw",
-    "lr": "learning rate (default: per preconditioner, NPO 1e-3, scalar and pointwise 3e-2, convolutional 1e-3, full 1e-5)",
+    "lr": "learning rate",
     "weight_decay": "weight decay (AdamW)",
     "lambda_gradient": "λ_g, weight of the gradient (cosine) loss",
     "lambda_imitation": "λ_i, weight of the imitation loss (student vs teacher output)",
@@ -89,9 +90,10 @@ _NPO_FLAGS = {
 
 def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     from d2gp.apps import PROFILES, TASK_PROFILES
-    from d2gp.training import TrainConfig
+    from d2gp.training import DEFAULT_LR, TrainConfig
 
-    defaults = TrainConfig()
+    defaults, hints = TrainConfig(), typing.get_type_hints(TrainConfig)
+    defaults_shown = {"lr": "per preconditioner: " + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items())}
     group = parser.add_argument_group("training settings")
     presets = [f"{k}: {v}" for k, v in PROFILES.items()] + [f"{p} on {t}: also {v}" for (p, t), v in TASK_PROFILES.items()]
     group.add_argument("--profile", choices=list(PROFILES), default="quick",
@@ -103,9 +105,10 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag, dest=f"train_{name}", action=argparse.BooleanOptionalAction, default=None,
                                help=f"{help_text} (default {default})")
         else:
-            kind = float if isinstance(default, float) or name == "lr" else int if isinstance(default, int) or default is None else str
+            kind = next(t for t in typing.get_args(hints[name]) or (hints[name],) if t is not type(None))
+            shown = defaults_shown.get(name, default)
             group.add_argument(flag, dest=f"train_{name}", type=kind, default=None, metavar=kind.__name__.upper(),
-                               help=help_text if default is None and name == "lr" else f"{help_text} (default {default})")
+                               help=f"{help_text} (default {shown})")
     group = parser.add_argument_group("NPO architecture")
     for name, (kind, help_text) in _NPO_FLAGS.items():
         flag = f"--{name.replace('_', '-')}"
@@ -282,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS), metavar="METHOD",
                    help=f"methods (default all: {' '.join(METHODS)})")
     p.add_argument("--profile", choices=list(BENCHMARK_PROFILES), default="quick",
-                   help="quick: the whole table on 3 tasks in about 35 minutes on 2 CPU cores; paper: larger, for a GPU")
+                   help="quick: the whole table on 3 tasks in about 40 minutes on 2 CPU cores; paper: larger, for a GPU")
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="training seeds of the learned methods")
     p.add_argument("--iterations", "-K", type=int, default=20, help="PnP-FISTA iterations K (evaluated to 2K)")
     p.add_argument("--out", default="results/benchmark", help="output folder")

@@ -135,7 +135,6 @@ def evaluate_solver(
     return run
 
 
-@torch.no_grad()
 def golden_section_max(f: Callable[[float], float], low: float, high: float, evaluations: int) -> float:
     """The argmax of a unimodal ``f`` on ``[low, high]`` by golden-section search: ``evaluations`` calls of
     ``f`` at interior points (none, and ``low`` is returned, when fewer than 2 or ``high <= low``)."""
@@ -156,6 +155,7 @@ def golden_section_max(f: Callable[[float], float], low: float, high: float, eva
     return c if fc >= fd else d
 
 
+@torch.no_grad()
 def tune_step_size(physics, images: torch.Tensor, denoiser, base_step: float, iterations: int,
                    factors: Sequence[float] = (0.5, 0.75, 1.0, 1.5, 2.0, 3.0), noise_seed: int = 10_000,
                    preconditioner=None, refine: int = 6, tried: dict | None = None) -> tuple[float, dict]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import textwrap
 from typing import Mapping, Sequence
@@ -62,7 +63,7 @@ def psnr_curves(curves: Mapping[str, Sequence[float]], path: str | os.PathLike, 
         ax.plot(range(len(values)), values, label=label, lw=1.5, ls="-" if i < 10 else "--")
     if train_iterations is not None:
         ax.axvline(train_iterations, color="grey", ls=":", lw=1)
-    finite = [v for values in curves.values() for v in values if v == v and abs(v) != float("inf")]
+    finite = [v for values in curves.values() for v in values if math.isfinite(v)]
     clipped = bool(finite) and max(finite) - min(finite) > span
     if clipped:
         ax.set_ylim(max(finite) - span, max(finite) + 0.05 * span)
