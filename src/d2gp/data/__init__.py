@@ -197,6 +197,9 @@ def load_images(
         "files": None if root_path is None else files_fingerprint(files),
     }
     images = load_cached(key)
+    if images is None and max_images is not None:  # the first images of a whole split cached earlier
+        images = load_cached({**key, "max_images": None})
+        images = None if images is None else images[:max_images].clone()
     if images is None:
         images = _build(info, request)
         save_cached(key, images)
@@ -204,6 +207,9 @@ def load_images(
 
 
 def _build(info: DatasetInfo, request: Request) -> torch.Tensor:
-    """Run the dataset's builder and apply ``max_images``."""
+    """Run the dataset's builder and apply ``max_images`` (builders decode only what they need)."""
     images = info.build(request)[: request.max_images]
+    if len(images) == 0:
+        raise DataError(f"dataset {request.name!r} has no {request.split} images"
+                        + (f" under {request.root}" if request.root else ""))
     return images.to(torch.float32).contiguous()

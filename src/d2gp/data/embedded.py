@@ -63,7 +63,7 @@ def mnist_embedded_indices(split: str, seed: int = 0) -> np.ndarray:
 def build_mnist_embedded(request: Request) -> torch.Tensor:
     """Digits scaled to [0, 1] (``/255``), resized 28 -> ``size`` (bilinear, antialiased), 1 channel."""
     x, _ = _mnist_source()
-    idx = mnist_embedded_indices(request.split, request.seed)
+    idx = mnist_embedded_indices(request.split, request.seed)[: request.max_images]
     images = torch.from_numpy(x[idx].astype(np.float32) / 255.0).reshape(-1, 1, 28, 28)
     return resize(images, request.size)
 
@@ -154,10 +154,12 @@ def build_mni152(request: Request) -> torch.Tensor:
     (bilinear, antialiased). Output is 1 channel.
     """
     volume = _mni152_volume()
-    positions = mni152_slice_positions(request.split)  # grouped by axis, in axis order
+    positions = mni152_slice_positions(request.split)[: request.max_images]  # grouped by axis, in axis order
     images = []
     for axis in range(3):
         indices = [index for a, index in positions if a == axis]
+        if not indices:
+            continue
         slices = np.moveaxis(volume.take(indices, axis=axis), axis, 0)  # (k, A, B)
         slices = np.ascontiguousarray(slices.transpose(0, 2, 1)[:, ::-1])  # flipud(v.T) per slice
         batch = normalize_max(pad_to_square(torch.from_numpy(slices)[:, None]))
@@ -195,9 +197,13 @@ def build_skimage(request: Request) -> torch.Tensor:
     counts = np.full(len(names), SKIMAGE_CROPS[request.split] // len(names))
     counts[: SKIMAGE_CROPS[request.split] % len(names)] += 1
     rng = make_rng(request.seed, SPLITS.index(request.split))
+    if request.max_images is not None:  # only the first max_images crops, drawn as in the whole split
+        counts = np.diff(np.minimum(np.cumsum([0, *counts]), request.max_images))
     short_side = max(SKIMAGE_SHORT_SIDE, request.size)
     crops = []
     for name, count in zip(names, counts):
+        if count == 0:
+            break
         photo = torch.from_numpy(getattr(skdata, name)()).permute(2, 0, 1)[None].float() / 255.0
         h, w = photo.shape[-2:]
         scale = short_side / min(h, w)
@@ -219,5 +225,6 @@ def build_lfw(request: Request) -> torch.Tensor:
     """The 100 LFW faces (25x25 grey), resized bicubically to ``size``, clamped, replicated to RGB."""
     from skimage.data import lfw_subset
 
-    faces = torch.from_numpy(lfw_subset()[:LFW_FACES].astype(np.float32))[:, None]
+    count = LFW_FACES if request.max_images is None else min(LFW_FACES, request.max_images)
+    faces = torch.from_numpy(lfw_subset()[:count].astype(np.float32))[:, None]
     return resize(faces, request.size, mode="bicubic").expand(-1, 3, -1, -1).contiguous()

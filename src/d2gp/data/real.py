@@ -17,6 +17,7 @@ Datasets:
 from __future__ import annotations
 
 import gzip
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -59,7 +60,7 @@ def read_idx(path: Path) -> np.ndarray:
     try:
         with opener(path, "rb") as f:
             raw = f.read()
-    except OSError as exc:
+    except (OSError, EOFError, zlib.error) as exc:  # EOFError: a truncated .gz
         raise DataError(f"cannot read IDX file {path}: {exc}") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
         raise DataError(f"not an IDX file (bad magic number): {path}")
@@ -101,6 +102,9 @@ def build_mnist(request: Request) -> torch.Tensor:
     if digits.ndim != 3:
         raise DataError(f"expected a 3-D IDX image file (n, h, w), got shape {digits.shape}: {path}")
     n = len(digits)
+    if n < (1 if request.split == "test" else 2):
+        raise DataError(f"MNIST file {path} holds {n} image(s); the {request.split} split needs at least "
+                        f"{1 if request.split == 'test' else 2} (train and val are both cut from it)")
     if request.split == "test":
         idx = np.arange(n)
     else:
@@ -222,14 +226,26 @@ def _split_images(request: Request) -> list[Path]:
     return [files[i] for i in shuffled_split(len(files), sizes, request.seed)[request.split]]
 
 
+#: Pillow modes of 16-bit grey images (PNG): scaled by 2¹⁶ − 1, not 255 (``convert("RGB")`` would clip them).
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I")
+
+
 def _load_rgb(path: Path) -> torch.Tensor:
-    """One image file as a float RGB tensor ``(1, 3, H, W)`` in [0, 1] (grey is replicated)."""
+    """One image file as a float RGB tensor ``(1, 3, H, W)`` in [0, 1] (grey is replicated).
+
+    8-bit images are divided by 255, 16-bit grey PNGs by 65535. Pillow refuses images above
+    about 179 M pixels (a decompression bomb) before decoding them.
+    """
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as img:
-            array = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
-    except (OSError, UnidentifiedImageError) as exc:
+            if img.mode in _SIXTEEN_BIT_MODES:
+                grey = np.asarray(img, dtype=np.float64) / 65535.0
+                array = np.repeat(grey[:, :, None].astype(np.float32), 3, axis=2)
+            else:
+                array = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
         raise DataError(f"cannot read image {path}: {exc}") from None
     return torch.from_numpy(array).permute(2, 0, 1)[None]
 
