@@ -3,8 +3,9 @@
 One ``.pt`` file per request in :func:`cache_dir` (``$D2GP_CACHE`` or ``~/.cache/d2gp``). The
 file stores ``{"key": <canonical JSON of the request>, "images": <tensor>}``; its name ends with
 a SHA-1 of that JSON. The key contains :data:`CACHE_VERSION`, which must be bumped whenever the
-preprocessing changes, so stale entries are never read. Files are written atomically (temporary
-file in the same folder, then :func:`os.replace`) and read with ``weights_only=True``. A file
+preprocessing changes, so stale entries are never read. Files are written atomically
+(:func:`d2gp.checkpoints.atomic_save`: a temporary file in the same folder, then :func:`os.replace`)
+and read with ``weights_only=True``. A file
 that cannot be read, or whose key does not match, is reported with a warning and rebuilt.
 """
 
@@ -13,17 +14,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from d2gp.checkpoints import atomic_save
+
 __all__ = ["CACHE_VERSION", "cache_dir", "cache_path", "files_fingerprint", "load_cached", "save_cached"]
 
 #: Bump when any loader's preprocessing changes: it is part of every cache key.
-CACHE_VERSION = "3"
+CACHE_VERSION = "4"  # 4: 16-bit grey PNGs scaled by 65535 (version 3 clipped them at 255)
 
 
 def cache_dir() -> Path:
@@ -69,19 +71,10 @@ def load_cached(key: dict[str, Any]) -> torch.Tensor | None:
 
 
 def save_cached(key: dict[str, Any], images: torch.Tensor) -> None:
-    """Atomically write ``images`` under ``key``; failure to write only warns."""
+    """Atomically write ``images`` under ``key`` (:func:`~d2gp.checkpoints.atomic_save`); a failure only warns."""
     path = cache_path(key)
-    tmp_name = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.name, suffix=".tmp", delete=False) as f:
-            tmp_name = f.name
-            # clone: a view (e.g. images[:k]) would otherwise save its whole underlying storage
-            torch.save({"key": _key_json(key), "images": images.clone()}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
+        # clone: a view (e.g. images[:k]) would otherwise save its whole underlying storage
+        atomic_save({"key": _key_json(key), "images": images.clone()}, path)
     except OSError as exc:
         warnings.warn(f"could not write cache file {path} ({exc})", RuntimeWarning, stacklevel=3)
-        if tmp_name is not None and os.path.exists(tmp_name):
-            os.remove(tmp_name)
