@@ -73,14 +73,15 @@ def test_training_lowers_loss_and_resume_is_exact(tmp_path):
 
 
 def _stop_after_epochs(train, val, kwargs, checkpoint, epochs_done):
-    """Simulate a run killed during epoch ``epochs_done + 1``: its end-of-epoch validation raises."""
+    """Simulate a run killed during epoch ``epochs_done + 1``: its end-of-epoch validation raises
+    (the first validation scores the untrained model, before epoch 1)."""
     import d2gp.denoisers as module
 
     calls = {"n": 0}
     original = module.denoiser_psnr
 
     def psnr_then_die(*args, **kw):
-        if calls["n"] == epochs_done:
+        if calls["n"] == epochs_done + 1:
             raise KeyboardInterrupt
         calls["n"] += 1
         return original(*args, **kw)

@@ -14,14 +14,18 @@ did not. The shipped weights are checked to K = 100 (``tests/test_denoisers.py``
 A weights file is a dict ``{"format": "d2gp-denoiser", "architecture": {...},
 "state_dict": ..., "training": {...}}``; :func:`load_denoiser` also takes a bare DnCNN
 ``state_dict`` (e.g. deepinv's pretrained ``dncnn_sigma2_*.pth`` files), inferring the
-architecture from the tensor shapes.
+architecture from the tensor shapes. Files are checked before anything is allocated: the
+declared architecture must match the tensor shapes and stay under :data:`MAX_PARAMETERS`, and
+weights that are not finite (a diverged training) are refused both when saving and loading.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import time
+import warnings
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -31,16 +35,24 @@ from deepinv.models import DnCNN
 from tqdm.auto import tqdm
 
 from d2gp.checkpoints import (
-    CheckpointError, atomic_save, load_checkpoint, restore_training_state, save_training_state, seed_everything,
+    CheckpointError, atomic_save, load_checkpoint, require_entries, restore_training_state, save_training_state,
+    seed_everything,
 )
 
 __all__ = [
-    "DENOISER_FORMAT", "build_dncnn", "load_denoiser", "save_denoiser", "shipped_denoiser_path",
-    "train_denoiser", "denoiser_psnr", "ScaledDenoiser",
+    "DENOISER_FORMAT", "MAX_PARAMETERS", "DenoiserError", "build_dncnn", "load_denoiser", "save_denoiser",
+    "shipped_denoiser_path", "check_training_settings", "train_denoiser", "denoiser_psnr", "ScaledDenoiser",
 ]
 
 DENOISER_FORMAT = "d2gp-denoiser"
 _CHECKPOINT_FORMAT = "d2gp-denoiser-training"
+#: DnCNN weights files asking for more parameters than this are refused before anything is allocated
+#: (the shipped ones have 47 k, the paper's 20×64 DnCNN 666 k; 10⁸ float32 parameters are 400 MB).
+MAX_PARAMETERS = 100_000_000
+
+
+class DenoiserError(ValueError):
+    """A denoiser cannot be trained or saved with these settings (bad values, a NaN loss, NaN weights)."""
 
 
 def build_dncnn(channels: int = 1, depth: int = 7, features: int = 32) -> DnCNN:
@@ -80,19 +92,39 @@ def shipped_denoiser_path(task: str) -> Path:
 def _architecture_of(state_dict: dict[str, torch.Tensor], path: Path) -> dict[str, int]:
     """Infer (channels, depth, features) of a bare DnCNN state dict."""
     if "in_conv.weight" not in state_dict or "out_conv.weight" not in state_dict:
-        sample = ", ".join(list(state_dict)[:4])
+        sample = ", ".join(map(str, list(state_dict)[:4]))
         raise CheckpointError(f"{path} does not hold DnCNN weights (keys: {sample}, …)")
     weight = state_dict["in_conv.weight"]
-    layers = {key.split(".")[1] for key in state_dict if key.startswith("conv_list.")}
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
+        raise CheckpointError(f"{path} does not hold DnCNN weights (in_conv.weight is not a 4-D tensor)")
+    layers = {key.split(".")[1] for key in state_dict if isinstance(key, str) and key.startswith("conv_list.")}
     return {"channels": int(weight.shape[1]), "depth": len(layers) + 2, "features": int(weight.shape[0])}
 
 
-def load_denoiser(source: str | os.PathLike, channels: int | None = None) -> DnCNN:
+def _check_architecture(architecture: dict, state_dict: dict, path: Path) -> dict[str, int]:
+    """The architecture of a weights file, checked against its tensors and :data:`MAX_PARAMETERS`
+    before a DnCNN of that size is allocated."""
+    found = _architecture_of(state_dict, path)
+    if any(not isinstance(architecture.get(key), int) or architecture[key] != found[key] for key in found):
+        raise CheckpointError(f"denoiser weights file {path} declares the architecture {architecture}, "
+                              f"but its weights are those of {found}: it is damaged or was not written by d2gp")
+    channels, depth, features = found["channels"], found["depth"], found["features"]
+    parameters = 9 * features * (2 * channels + (depth - 2) * features)
+    if parameters > MAX_PARAMETERS:
+        raise CheckpointError(f"denoiser weights file {path} asks for a DnCNN of {parameters:.2g} parameters "
+                              f"({found}), above {MAX_PARAMETERS:.0e}: refused")
+    return found
+
+
+def load_denoiser(source: str | os.PathLike, channels: int | None = None, task: str | None = None) -> DnCNN:
     """Load a DnCNN: a task name (its shipped weights) or a weights file.
 
     :param source: ``"spc"``, ``"mri"``, ``"sr"`` or a path.
     :param channels: if given, the number of image channels the denoiser must have.
-    :raises CheckpointError: the file is missing, corrupt, not DnCNN weights, or has other channels.
+    :param task: if given, the task it is loaded for: a file whose training metadata names
+        another task loads with a warning naming that task.
+    :raises CheckpointError: the file is missing, corrupt, not DnCNN weights, has other channels,
+        declares another architecture than its tensors, is too large, or holds non-finite weights.
     """
     path = Path(source)
     if not path.suffix and not path.exists():  # a task name
@@ -103,12 +135,23 @@ def load_denoiser(source: str | os.PathLike, channels: int | None = None) -> DnC
             )
     data = load_checkpoint(path, what="denoiser weights file")
     if data.get("format") == DENOISER_FORMAT:
-        architecture, state_dict = data["architecture"], data["state_dict"]
+        require_entries(data, {"architecture": dict, "state_dict": dict}, path, "denoiser weights file")
+        state_dict = data["state_dict"]
+        architecture = _check_architecture(data["architecture"], state_dict, path)
     elif "format" in data:
         raise CheckpointError(f"denoiser weights file {path} is a {data['format']} file, not {DENOISER_FORMAT}")
     else:
         state_dict = data.get("state_dict", data)
-        architecture = _architecture_of(state_dict, path)
+        if not isinstance(state_dict, dict):
+            raise CheckpointError(f"{path} does not hold DnCNN weights (its state_dict is a {type(state_dict).__name__})")
+        architecture = _check_architecture(_architecture_of(state_dict, path), state_dict, path)
+    if not all(torch.isfinite(v).all() for v in state_dict.values() if isinstance(v, torch.Tensor)):
+        raise CheckpointError(f"denoiser weights file {path} holds NaN or infinite weights (a diverged training): "
+                              f"train it again with a lower --lr")
+    training = data.get("training") if isinstance(data.get("training"), dict) else {}
+    trained_for = training.get("task", {}).get("task") if isinstance(training.get("task"), dict) else None
+    if task is not None and isinstance(trained_for, str) and trained_for != task:
+        warnings.warn(f"the denoiser {path} was trained for task {trained_for!r}, not {task!r}", stacklevel=2)
     if channels is not None and architecture["channels"] != channels:
         raise CheckpointError(
             f"denoiser {path} works on {architecture['channels']}-channel images, the task has {channels}"
@@ -122,7 +165,15 @@ def load_denoiser(source: str | os.PathLike, channels: int | None = None) -> DnC
 
 
 def save_denoiser(model: DnCNN, path: str | os.PathLike, training: dict[str, Any] | None = None) -> None:
-    """Save ``model`` as a d2gp denoiser weights file (atomically)."""
+    """Save ``model`` as a d2gp denoiser weights file (atomically).
+
+    :param training: metadata kept in the file (``"task"``: the task's configuration dict, whose
+        ``"task"`` entry :func:`load_denoiser` compares with the task it is loaded for).
+    :raises DenoiserError: the weights are not finite (nothing is written).
+    """
+    if not all(torch.isfinite(p).all() for p in model.state_dict().values()):
+        raise DenoiserError(f"refusing to save {path}: the denoiser's weights are NaN or infinite (training "
+                            f"diverged); train again with a lower --lr")
     architecture = {
         "channels": int(model.in_conv.weight.shape[1]),
         "depth": int(model.depth),
@@ -155,6 +206,31 @@ def denoiser_psnr(model, images: torch.Tensor, sigma: float, seed: int = 0, batc
     return total / len(images)
 
 
+def check_training_settings(*, depth: int, features: int, sigma_min: float, sigma_max: float, epochs: int,
+                            batch_size: int, lr: float) -> None:
+    """Raise :class:`DenoiserError` naming the first setting :func:`train_denoiser` cannot train with."""
+    for name, value, low in (("depth", depth, 2), ("features", features, 1), ("epochs", epochs, 1),
+                             ("batch_size", batch_size, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            why = " (an untrained DnCNN is no denoiser)" if name == "epochs" else ""
+            raise DenoiserError(f"{name} must be an integer ≥ {low}{why}, got {value!r}")
+    if not (0 <= sigma_min <= sigma_max and 0 < sigma_max and math.isfinite(sigma_max)):
+        raise DenoiserError(f"need 0 ≤ sigma_min ≤ sigma_max, sigma_max > 0 and finite; got {sigma_min}, {sigma_max}")
+    if not (lr > 0 and math.isfinite(lr)):
+        raise DenoiserError(f"lr must be a finite number > 0, got {lr}")
+    parameters = 9 * features * (2 + (depth - 2) * features)
+    if parameters > MAX_PARAMETERS:
+        raise DenoiserError(f"a DnCNN of depth {depth} and {features} features has {parameters:.2g} parameters, "
+                            f"above {MAX_PARAMETERS:.0e}")
+
+
+def _fingerprint(images: torch.Tensor) -> str:
+    """A short hash of a tensor's shape and values (a resumed run must train on the same images)."""
+    digest = hashlib.sha1(str(tuple(images.shape)).encode())
+    digest.update(images.detach().float().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def train_denoiser(
     train_images: torch.Tensor,
     val_images: torch.Tensor,
@@ -177,15 +253,24 @@ def train_denoiser(
 
     L2 loss, Adam with a cosine learning-rate decay, random flips/rotations. With
     ``checkpoint_path`` the state is written atomically after every epoch, and a run started
-    again with the same path resumes where it stopped (same result as an uninterrupted run).
+    again with the same path resumes where it stopped (same result as an uninterrupted run); it
+    refuses to resume with other settings or images than those the checkpoint was made with.
 
     :return: the trained model (eval mode) and a history dict (per-epoch loss, validation PSNR
         at σ = 0.05 and the final validation PSNR per σ).
+    :raises DenoiserError: bad settings (:func:`check_training_settings`), no images, a loss or
+        validation PSNR that became NaN/Inf (training stops; the last epoch's checkpoint stays), or
+        a model that ends below its untrained validation PSNR (diverged while finite). A model
+        that ends below the noisy input's PSNR (it does not denoise yet) only warns.
+    :raises ~d2gp.checkpoints.CheckpointError: the checkpoint was made with other settings or images.
     """
-    if not (0 <= sigma_min <= sigma_max and sigma_max > 0):
-        raise ValueError(f"need 0 ≤ sigma_min ≤ sigma_max, sigma_max > 0; got {sigma_min}, {sigma_max}")
+    check_training_settings(depth=depth, features=features, sigma_min=sigma_min, sigma_max=sigma_max, epochs=epochs,
+                            batch_size=batch_size, lr=lr)
     if len(train_images) == 0 or len(val_images) == 0:
-        raise ValueError("train_denoiser needs non-empty training and validation images")
+        raise DenoiserError("train_denoiser needs non-empty training and validation images")
+    settings = dict(depth=depth, features=features, sigma_min=sigma_min, sigma_max=sigma_max, epochs=epochs,
+                    batch_size=batch_size, lr=lr, seed=seed, train_images=_fingerprint(train_images),
+                    val_images=_fingerprint(val_images))
     seed_everything(seed)
     channels = train_images.shape[1]
     model = build_dncnn(channels, depth, features)
@@ -193,11 +278,12 @@ def train_denoiser(
     steps_per_epoch = math.ceil(len(train_images) / batch_size)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch, eta_min=lr / 50)
     generator = torch.Generator().manual_seed(seed)
-    history: dict[str, Any] = {"epoch": [], "loss": [], "val_psnr_0.05": [], "seconds": []}
+    history: dict[str, Any] = {"epoch": [], "loss": [], "val_psnr_0.05": [], "seconds": [],
+                               "val_psnr_0.05_untrained": denoiser_psnr(model.eval(), val_images, 0.05)}
     start_epoch = 0
     if checkpoint_path is not None and Path(checkpoint_path).is_file():
         state = restore_training_state(checkpoint_path, _CHECKPOINT_FORMAT, model, optimizer, scheduler, generator,
-                                       what="denoiser training checkpoint")
+                                       what="denoiser training checkpoint", settings=settings)
         history, start_epoch = state["history"], state["epoch"]
 
     for epoch in range(start_epoch, epochs):
@@ -211,6 +297,9 @@ def train_denoiser(
             sigma = sigma_min + (sigma_max - sigma_min) * torch.rand((len(clean), 1, 1, 1), generator=generator)
             noisy = clean + sigma * torch.randn(clean.shape, generator=generator)
             loss = (model(noisy) - clean).pow(2).mean()
+            if not torch.isfinite(loss):
+                raise DenoiserError(f"the loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; training "
+                                    f"stopped and no weights were saved — lower --lr")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -222,12 +311,28 @@ def train_denoiser(
         history["loss"].append(running / steps_per_epoch)
         history["val_psnr_0.05"].append(denoiser_psnr(model, val_images, 0.05))
         history["seconds"].append(time.perf_counter() - began)
+        if not math.isfinite(history["val_psnr_0.05"][-1]):
+            raise DenoiserError(f"the validation PSNR became {history['val_psnr_0.05'][-1]} at epoch {epoch + 1}: the "
+                                f"weights diverged; training stopped and no weights were saved — lower --lr")
         if progress:
             tqdm.write(f"epoch {epoch + 1}/{epochs}: loss {history['loss'][-1]:.3e}, "
                        f"val PSNR at σ=0.05 {history['val_psnr_0.05'][-1]:.2f} dB")
         if checkpoint_path is not None:
             save_training_state(checkpoint_path, _CHECKPOINT_FORMAT, model, optimizer, scheduler, generator,
-                                history=history, epoch=epoch + 1)
+                                history=history, epoch=epoch + 1, settings=settings)
     model.eval()
     history["val_psnr"] = {f"{s:g}": denoiser_psnr(model, val_images, s) for s in (0.01, 0.05, 0.1, 0.2)}
+    _check_outcome(history["val_psnr"]["0.05"], history.get("val_psnr_0.05_untrained", -math.inf),
+                   denoiser_psnr(torch.nn.Identity(), val_images, 0.05))
     return model, history
+
+
+def _check_outcome(trained: float, untrained: float, noisy: float) -> None:
+    """Refuse a denoiser that training made worse than its random start (it diverged, finite or not);
+    warn when it is still worse than no denoiser at all (the noisy input), at σ = 0.05."""
+    if not trained >= untrained:
+        raise DenoiserError(f"training diverged: the validation PSNR at σ = 0.05 went from {untrained:.2f} dB "
+                            f"(untrained) to {trained:.2f} dB; no weights were saved — lower --lr")
+    if trained < noisy:
+        warnings.warn(f"the denoiser does not denoise yet: its validation PSNR at σ = 0.05 is {trained:.2f} dB, "
+                      f"below the noisy input's {noisy:.2f} dB; train it longer", stacklevel=3)

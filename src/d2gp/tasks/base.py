@@ -180,16 +180,22 @@ class Task:
         return self.config.dataset or self.config.default_dataset
 
     def images(self, split: str, limit: int | None = None) -> torch.Tensor:
-        """The images of a split, ``(N, C, H, W)`` in [0, 1], checked against the task's shape."""
+        """The images of a split, ``(N, C, H, W)`` in [0, 1], checked against the task's shape.
+
+        :param split: ``"train"``, ``"val"`` or ``"test"``.
+        :param limit: only the first ``limit`` images (≥ 1; ``None``: all); the others are not
+            decoded or resized.
+        """
         from d2gp.data import load_images
 
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+            raise TaskError(f"the image limit must be an integer ≥ 1 (or None: all), got {limit!r}")
         images = load_images(
             self.dataset, split, image_size=self.config.image_size,
-            root=self.config.data_root, seed=self.config.data_seed,
+            root=self.config.data_root, seed=self.config.data_seed, max_images=limit,
         )
         images = self.match_channels(images)
-        images = self.check_images(images, what=f"dataset {self.dataset!r} ({split})")
-        return images[:limit] if limit is not None else images
+        return self.check_images(images, what=f"dataset {self.dataset!r} ({split})")
 
     def match_channels(self, images: torch.Tensor) -> torch.Tensor:
         """Grey → RGB by replication, RGB → grey by luminance (ITU-R BT.601), else unchanged."""
@@ -230,5 +236,5 @@ class Task:
         by ``denoiser_scale`` when that is below 1 (see :class:`d2gp.denoisers.ScaledDenoiser`)."""
         from d2gp.denoisers import ScaledDenoiser, load_denoiser
 
-        model = load_denoiser(self.config.denoiser or self.name, channels=self.image_shape[0])
+        model = load_denoiser(self.config.denoiser or self.name, channels=self.image_shape[0], task=self.name)
         return model if self.config.denoiser_scale == 1 else ScaledDenoiser(model, self.config.denoiser_scale)
