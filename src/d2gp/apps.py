@@ -6,13 +6,12 @@ an output folder and return the same data; :mod:`d2gp.cli` only parses arguments
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
-from d2gp.checkpoints import CheckpointError
+from d2gp.checkpoints import CheckpointError, read_json, require_entries
 from d2gp.evaluation import evaluate_solver, format_mean_std, tune_step_size
 from d2gp.plots import examples_figure, psnr_curves
 from d2gp.reports import markdown_table, write_results
@@ -65,7 +64,9 @@ def _run_config(run_dir: Path) -> dict:
     path = run_dir / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{run_dir} is not a training run directory (no config.json)")
-    return json.loads(path.read_text())
+    config = read_json(path, "run configuration")
+    require_entries(config, {"train": dict, "task": dict}, path, "run configuration")
+    return config
 
 
 def evaluate_runs(run_dirs: Sequence[str | os.PathLike], *, split: str = "test", limit: int | None = None,
@@ -84,7 +85,9 @@ def evaluate_runs(run_dirs: Sequence[str | os.PathLike], *, split: str = "test",
             raise CheckpointError(f"{d} was trained on other task settings than {run_dirs[0]}: cannot compare them")
     train_config = TrainConfig.from_dict(first["train"])
     task = make_task(train_config.task, **train_config.task_settings)
-    K = iterations or train_config.iterations
+    K = train_config.iterations if iterations is None else iterations
+    if K < 1:
+        raise CheckpointError(f"iterations must be ≥ 1, got {K}")
     horizon = 2 * K
     out = Path(out or run_dirs[0] / "evaluation")
     out.mkdir(parents=True, exist_ok=True)

@@ -43,7 +43,7 @@ from d2gp.plots import examples_figure, psnr_curves
 from d2gp.preconditioners.classical import Newton, Polynomial
 from d2gp.reports import markdown_table, write_results
 from d2gp.solver import pnp_fista
-from d2gp.tasks import Task, make_task
+from d2gp.tasks import TASKS, Task, make_task
 from d2gp.training import TrainConfig, load_npo
 
 __all__ = ["METHODS", "BENCHMARK_PROFILES", "benchmark", "Method"]
@@ -148,6 +148,24 @@ def _parameters(P) -> int:
     return sum(p.numel() for p in P.parameters()) if isinstance(P, torch.nn.Module) else 0
 
 
+def _check_request(tasks: Sequence[str], methods: Sequence[str], seeds: Sequence[int], iterations: int) -> None:
+    """Refuse what would give a wrong or empty table: unknown or repeated tasks and methods, repeated or
+    negative seeds (a repeated seed would count one training twice in the seed spread), K < 1."""
+    for what, names, known in (("task", tasks, TASKS), ("method", methods, METHODS)):
+        unknown = [str(n) for n in names if n not in known]
+        if unknown or not names:
+            raise CheckpointError(f"unknown {what}(s) {', '.join(unknown) or '(none given)'}; "
+                                  f"choose from {', '.join(known)}")
+        repeated = sorted({n for n in names if list(names).count(n) > 1})
+        if repeated:
+            raise CheckpointError(f"{what}(s) {', '.join(repeated)} given more than once")
+    bad_seed = any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds)
+    if not seeds or bad_seed or len(set(seeds)) < len(seeds):
+        raise CheckpointError(f"seeds must be distinct integers ≥ 0, got {list(seeds)}")
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+        raise CheckpointError(f"iterations must be an integer ≥ 1, got {iterations!r}")
+
+
 def benchmark(tasks: Sequence[str] = ("spc", "mri", "sr"), methods: Sequence[str] = tuple(METHODS), *,
               profile: str = "quick", seeds: Sequence[int] = (0,), out: str | os.PathLike = "results/benchmark",
               runs: str | os.PathLike = "runs/benchmark", iterations: int = 20, examples: int = 4,
@@ -161,9 +179,7 @@ def benchmark(tasks: Sequence[str] = ("spc", "mri", "sr"), methods: Sequence[str
     :param limit, tune_images: cap the test images / set the validation images for tuning (default: the profile's).
     :param train_overrides: :class:`~d2gp.training.TrainConfig` fields on top of the profile's.
     """
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise CheckpointError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    _check_request(tasks, methods, seeds, iterations)
     if profile not in BENCHMARK_PROFILES:
         raise CheckpointError(f"unknown profile {profile!r}; choose one of {', '.join(BENCHMARK_PROFILES)}")
     settings = BENCHMARK_PROFILES[profile]

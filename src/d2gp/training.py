@@ -19,7 +19,9 @@ machine and date), ``checkpoint.pt`` (the full training state, written atomicall
 epoch), ``best.pt`` (the NPO with the best validation PSNR), ``log.csv`` and, optionally,
 TensorBoard events. ``resume=True`` continues a killed run from its last epoch and gives the
 same weights as an uninterrupted run. A NaN/Inf loss stops training with a
-:class:`TrainingError`; the last good checkpoint stays intact.
+:class:`TrainingError`; the last good checkpoint stays intact. So does a run that diverged while
+staying finite (:func:`check_not_diverged`). A run directory is locked while it trains
+(:func:`~d2gp.checkpoints.locked_run_dir`): a second process refuses to write into it.
 """
 
 from __future__ import annotations
@@ -39,8 +41,8 @@ import torch
 from tqdm.auto import tqdm
 
 from d2gp.checkpoints import (
-    CheckpointError, atomic_save, atomic_write_text, load_checkpoint, restore_training_state, save_training_state,
-    seed_everything, write_json,
+    CheckpointError, atomic_save, atomic_write_text, load_checkpoint, locked_run_dir, read_json, require_entries,
+    restore_training_state, save_training_state, seed_everything, write_json,
 )
 from d2gp.evaluation import evaluate_solver
 from d2gp.losses import TEACHER_GRADIENT_AT, LossWeights, gradient_loss, imitation_loss, supervised_loss
@@ -51,7 +53,7 @@ from d2gp.solver import pnp_fista
 from d2gp.tasks import Task, make_task
 
 __all__ = ["TrainConfig", "TrainingError", "train", "saved_train_config", "load_npo", "save_npo", "shipped_npo_path", "build_preconditioner",
-           "NPO_FORMAT", "METHODS", "PRECONDITIONERS", "UNROLL_MODES", "DEFAULT_LR"]
+           "check_not_diverged", "DIVERGED_DB", "NPO_FORMAT", "METHODS", "PRECONDITIONERS", "UNROLL_MODES", "DEFAULT_LR"]
 
 NPO_FORMAT = "d2gp-npo"
 _STATE_FORMAT = "d2gp-npo-training"
@@ -69,6 +71,26 @@ DEFAULT_LR = {"npo": 1e-3, "scalar": 3e-2, "pointwise": 3e-2, "convolutional": 1
 
 class TrainingError(RuntimeError):
     """Training cannot go on (NaN loss, a run directory that does not match, …)."""
+
+
+#: A run whose best validation PSNR ends more than this many dB below the untrained preconditioner's
+#: (the identity: plain PnP-FISTA) has diverged. Healthy short runs end within a fraction of a dB
+#: of it or above (README, Table I); a too-large learning rate ends tens or hundreds of dB below.
+DIVERGED_DB = 3.0
+
+
+def check_not_diverged(best_val_psnr: float, identity_val_psnr: float, margin_db: float = DIVERGED_DB) -> None:
+    """Refuse the outcome of a training run that made PnP-FISTA worse than not training at all.
+
+    :param best_val_psnr: the best validation PSNR of the run (its ``best.pt``).
+    :param identity_val_psnr: the validation PSNR of the untrained (identity) preconditioner.
+    :param margin_db: how far below ``identity_val_psnr`` a run may end.
+    :raises TrainingError: ``best_val_psnr`` is not finite, or below ``identity_val_psnr - margin_db``.
+    """
+    if not math.isfinite(best_val_psnr) or best_val_psnr < identity_val_psnr - margin_db:
+        raise TrainingError(
+            f"training diverged: the best validation PSNR {best_val_psnr:.2f} dB is more than {margin_db:g} dB below "
+            f"the untrained (identity) preconditioner's {identity_val_psnr:.2f} dB; lower --lr and train again")
 
 
 @dataclass
@@ -117,9 +139,18 @@ class TrainConfig:
                 raise TrainingError(f"{name} must be ≥ 1, got {getattr(self, name)}")
         if self.unroll == "truncated" and not 1 <= self.truncate <= self.iterations:
             raise TrainingError(f"truncate must be in [1, iterations], got {self.truncate}")
-        if self.lr is not None and not self.lr > 0:
-            raise TrainingError(f"lr must be > 0, got {self.lr}")
-        self.weights  # validates the λ
+        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
+            raise TrainingError(f"lr must be a finite number > 0, got {self.lr}")
+        if self.train_images is not None and not (isinstance(self.train_images, int) and self.train_images >= 1):
+            raise TrainingError(f"train_images must be ≥ 1, or None for all (--train-images 0), got {self.train_images!r}")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise TrainingError(f"weight_decay must be a finite number ≥ 0, got {self.weight_decay}")
+        try:
+            self.weights  # validates the λ
+            if self.preconditioner == "npo":
+                NPO.check_config(self.npo)
+        except ValueError as error:
+            raise TrainingError(str(error)) from None
 
     @property
     def weights(self) -> LossWeights:
@@ -199,6 +230,7 @@ def load_npo(source: str | os.PathLike, task: Task | None = None) -> tuple[NPO, 
     elif path.is_dir():
         path = path / "best.pt"
     data = load_checkpoint(path, NPO_FORMAT, what="NPO weights file")
+    require_entries(data, {"task": str, "npo": dict, "state_dict": dict, "method": str}, path, "NPO weights file")
     if task is not None:
         if data["task"] != task.name:
             raise CheckpointError(f"NPO weights {path} were trained for task {data['task']!r}, not {task.name!r}")
@@ -265,8 +297,10 @@ def _loss(config: TrainConfig, task: Task, npo: NPO, denoiser, x: torch.Tensor, 
 def saved_train_config(run_dir: str | os.PathLike) -> dict:
     """The run's saved training configuration, as :meth:`TrainConfig.to_json_dict` gives it today
     (fields added since the run was made take their defaults, so older runs still match)."""
-    saved = json.loads((Path(run_dir) / "config.json").read_text())["train"]
-    return TrainConfig.from_dict(saved).to_json_dict()
+    path = Path(run_dir) / "config.json"
+    saved = read_json(path, "run configuration")
+    require_entries(saved, {"train": dict}, path, "run configuration")
+    return TrainConfig.from_dict(saved["train"]).to_json_dict()
 
 
 def _check_run_dir(run_dir: Path, config: TrainConfig, resume: bool) -> None:
@@ -275,11 +309,13 @@ def _check_run_dir(run_dir: Path, config: TrainConfig, resume: bool) -> None:
         if not resume:
             raise TrainingError(f"{run_dir} already holds a training run: pass resume=True (--resume) to continue it, "
                                 f"or choose another directory")
-        if saved.is_file():
-            previous, current = saved_train_config(run_dir), config.to_json_dict()
-            if previous != current:
-                changed = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
-                raise TrainingError(f"cannot resume {run_dir}: its configuration differs in {', '.join(changed)}")
+        if not saved.is_file():
+            raise TrainingError(f"cannot resume {run_dir}: its config.json is missing, so its settings cannot be "
+                                f"checked; start the run again in another directory")
+        previous, current = saved_train_config(run_dir), config.to_json_dict()
+        if previous != current:
+            changed = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
+            raise TrainingError(f"cannot resume {run_dir}: its configuration differs in {', '.join(changed)}")
 
 
 def _write_log(history: list[dict], path: Path) -> None:
@@ -292,6 +328,7 @@ def _write_log(history: list[dict], path: Path) -> None:
     atomic_write_text(buffer.getvalue(), path)
 
 
+@locked_run_dir
 def train(config: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False, progress: bool = True,
           task: Task | None = None, train_images: torch.Tensor | None = None,
           val_images: torch.Tensor | None = None) -> dict:
@@ -302,6 +339,8 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = Fal
     :param resume: continue the run found in ``run_dir``.
     :param task, train_images, val_images: for tests and the Python API: give them directly
         instead of building them from ``config`` (the run is then reproducible only with the same ones).
+    :raises TrainingError: bad settings, a run directory of another run, a NaN loss, or a diverged run.
+    :raises ~d2gp.checkpoints.LockedError: another process trains into ``run_dir``.
     """
     config.validate()
     run_dir = Path(run_dir)
@@ -347,9 +386,10 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = Fal
             seed = int(torch.randint(2**31 - 1, (1,), generator=generator))
             loss, terms = _loss(config, task, npo, denoiser, x, seed)
             if not torch.isfinite(loss):
+                kept = f"the last good checkpoint {state_path} is intact" if state_path.exists() else "no checkpoint was written yet"
                 raise TrainingError(
                     f"the loss became {loss.item()} at epoch {epoch + 1}, step {step + 1} (terms {terms}); "
-                    f"training stopped, the last good checkpoint {state_path} is intact — lower --lr or the λ weights")
+                    f"training stopped, {kept} — lower --lr or the λ weights")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -376,6 +416,9 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = Fal
         save_training_state(state_path, _STATE_FORMAT, npo, optimizer, scheduler, generator,
                             history=history, best=best, epoch=epoch + 1)
         _write_log(history, run_dir / "log.csv")
+    identity = evaluate_solver("identity", task.student, val_images, denoiser, task.student_step_size,
+                               config.iterations, progress=False)
+    check_not_diverged(best, float(identity.psnr[config.iterations].mean()))
     save_npo(npo, run_dir / "last.pt", task, config, {"val_psnr": val_psnr, "epoch": config.epochs})
     summary = {"best_val_psnr": best, "final_val_psnr": val_psnr, "epochs": config.epochs,
                "seconds_this_session": time.perf_counter() - began,

@@ -39,6 +39,7 @@ References:
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Optional, Union
 
 import torch
@@ -48,8 +49,28 @@ from d2gp.preconditioners.encoding import IterationEncoding, make_activation
 
 __all__ = ["NPO", "ConvNeXtBlock"]
 
+#: NPO architectures above this many parameters are refused before they are allocated (the
+#: default NPO has 42 k; 2·10⁸ float32 parameters are 800 MB, as for the full linear preconditioner).
+MAX_PARAMETERS = 200_000_000
+
 #: Initial value of the per-channel layer scale γ of each block.
 LAYER_SCALE_INIT = 1e-2
+
+
+def _check_arguments(channels, width, blocks, kernel_size, expansion, activation) -> None:
+    """The checks of :class:`NPO`'s constructor arguments (``ValueError`` naming the first bad one)."""
+    for name, value in (("channels", channels), ("width", width), ("blocks", blocks),
+                        ("kernel_size", kernel_size), ("expansion", expansion)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int ≥ 1, got {value!r}")
+    if kernel_size % 2 == 0:
+        raise ValueError(f"kernel_size must be odd (to keep the image size), got {kernel_size}")
+    if activation not in ("relu", "gelu"):
+        raise ValueError(f"activation must be 'relu' or 'gelu', got {activation!r}")
+    estimate = blocks * width * (kernel_size**2 + 2 * expansion * width)  # the blocks' weights, roughly
+    if estimate > MAX_PARAMETERS:
+        raise ValueError(f"an NPO of width {width}, {blocks} blocks, kernel {kernel_size} and expansion {expansion} "
+                         f"would have about {estimate:.2g} parameters, above {MAX_PARAMETERS:.0e}")
 
 
 class ConvNeXtBlock(nn.Module):
@@ -114,14 +135,7 @@ class NPO(nn.Module):
                  expansion: int = 2, activation: str = "relu", time_features: int = 128,
                  time_hidden: int = 64, use_iterate: bool = False, channels_last: bool = True):
         super().__init__()
-        for name, value in (("channels", channels), ("width", width), ("blocks", blocks),
-                            ("kernel_size", kernel_size), ("expansion", expansion)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int ≥ 1, got {value!r}")
-        if kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size must be odd (to keep the image size), got {kernel_size}")
-        if activation not in ("relu", "gelu"):
-            raise ValueError(f"activation must be 'relu' or 'gelu', got {activation!r}")
+        _check_arguments(channels, width, blocks, kernel_size, expansion, activation)
         self._config = dict(channels=channels, width=width, blocks=blocks, kernel_size=kernel_size,
                             expansion=expansion, activation=activation, time_features=time_features,
                             time_hidden=time_hidden, use_iterate=bool(use_iterate), channels_last=bool(channels_last))
@@ -139,6 +153,19 @@ class NPO(nn.Module):
         self.head = nn.Conv2d(width, channels, 3, padding=1)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
+
+    @classmethod
+    def check_config(cls, config: dict[str, Any]) -> None:
+        """Raise ``ValueError`` on constructor arguments ``NPO(**config)`` would refuse (unknown names
+        included), without building the network (a huge ``width`` is refused before it is allocated)."""
+        try:
+            bound = inspect.signature(cls).bind(**config)
+        except TypeError as error:
+            raise ValueError(f"NPO settings {config}: {error}") from None
+        bound.apply_defaults()
+        arguments = bound.arguments
+        _check_arguments(*(arguments[name] for name in ("channels", "width", "blocks", "kernel_size", "expansion",
+                                                        "activation")))
 
     @property
     def config(self) -> dict[str, Any]:
