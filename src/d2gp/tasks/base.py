@@ -70,6 +70,14 @@ class TaskConfig:
             value = getattr(self, name)
             if value is not None and not (value > 0 and math.isfinite(value)):
                 raise TaskError(f"{name} must be a finite number > 0, got {value!r}")
+        from d2gp.data import DATASETS
+
+        if self.dataset and self.dataset not in DATASETS:
+            raise TaskError(f"unknown dataset {self.dataset!r}; known datasets: {', '.join(DATASETS)}")
+        for f in dataclasses.fields(self):  # data_seed, and the subclasses' seeds (mask_seed, …)
+            value = getattr(self, f.name)
+            if f.name.endswith("_seed") and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise TaskError(f"{f.name} must be an integer ≥ 0, got {value!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return {"task": self.name, **dataclasses.asdict(self)}
