@@ -4,6 +4,10 @@ Subcommands: ``demo``, ``train``, ``evaluate``, ``reconstruct``, ``train-denoise
 ``datasets``. Every task setting
 is a flag (``--student-ratio 0.05``, ``--image-size 128``…), generated from the task
 configuration dataclasses, so the CLI and the Python API cannot drift apart.
+
+Bad input never ends in a traceback: a wrong flag value or an error of the library is one line
+``d2gp COMMAND: error: …`` on stderr and exit code 2, checked before any compute (output paths
+included); a warning is one line ``d2gp COMMAND: warning: …``.
 """
 
 from __future__ import annotations
@@ -12,11 +16,12 @@ import argparse
 import dataclasses
 import sys
 import typing
+import warnings
 from pathlib import Path
 
 import torch
 
-from d2gp.checkpoints import CheckpointError, write_json
+from d2gp.checkpoints import CheckpointError, check_output_path, lock_path, write_json
 from d2gp.reports import environment
 from d2gp.tasks import TASKS, TaskError, make_task
 
@@ -24,6 +29,32 @@ __all__ = ["main", "build_parser"]
 
 
 # --- shared pieces ------------------------------------------------------------------------------
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (the usage is in ``--help``), exit code 2."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _int_at_least(low: int):
+    """An argparse ``type`` for integers ≥ ``low`` (counts, K, seeds)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer ≥ {low}, got {value}")
+        return value
+
+    parse.__name__ = "int"
+    return parse
+
+
+_positive = _int_at_least(1)
+_non_negative = _int_at_least(0)
+
+
 def _task_fields() -> dict[str, dataclasses.Field]:
     """Every task setting of every task, by name (a setting shared by tasks appears once)."""
     fields: dict[str, dataclasses.Field] = {}
@@ -125,7 +156,7 @@ def _train_config_from_args(args: argparse.Namespace):
 
     settings = profile_settings(args.profile, args.task)
     settings.update({k[len("train_"):]: v for k, v in vars(args).items() if k.startswith("train_") and v is not None})
-    if settings.get("train_images") == 0:
+    if settings.get("train_images") == 0:  # the flag's "0 = all"
         settings["train_images"] = None
     npo = {k[len("npo_"):]: v for k, v in vars(args).items() if k.startswith("npo_") and v is not None}
     return TrainConfig(task=args.task, task_settings=_task_overrides(args), npo=npo, **settings)
@@ -168,20 +199,20 @@ def cmd_reconstruct(args: argparse.Namespace) -> None:
 
     task = _task_from_args(args)
     ks = _iteration_list(args.report, args.iterations)
-    images = task.images(args.split, limit=args.limit)
-    denoiser = task.denoiser()
-    out = Path(args.out or f"results/reconstruct-{task.name}")
-    out.mkdir(parents=True, exist_ok=True)
-    print(f"{task!r}\n{len(images)} {args.split} images from {task.dataset!r}, K = {args.iterations}, "
-          f"γ_student = {task.student_step_size:.4g}, γ_teacher = {task.teacher_step_size:.4g}")
+    out = check_output_path(args.out or f"results/reconstruct-{task.name}", folder=True)
     methods = [("student", task.student, task.student_step_size, None)]
-    if args.preconditioner != "identity":
+    if args.preconditioner != "identity":  # files first, then data and compute
         from d2gp.training import load_npo
 
         npo, meta = load_npo(args.preconditioner, task)
         methods.append((f"student + {meta['method']} NPO", task.student, task.student_step_size, npo))
-        if meta["task_config"] != task.config.to_dict():
-            print(f"note: the NPO was trained with other task settings ({meta['task_config']})")
+        if meta.get("task_config") != task.config.to_dict():
+            print(f"note: the NPO was trained with other task settings ({meta.get('task_config')})")
+    denoiser = task.denoiser()
+    images = task.images(args.split, limit=args.limit)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"{task!r}\n{len(images)} {args.split} images from {task.dataset!r}, K = {args.iterations}, "
+          f"γ_student = {task.student_step_size:.4g}, γ_teacher = {task.teacher_step_size:.4g}")
     methods.append(("teacher", task.teacher, task.teacher_step_size, None))
     runs = [evaluate_solver(label, physics, images, denoiser, step, args.iterations, preconditioner=preconditioner,
                             ssim_at=ks, noise_seed=args.noise_seed, batch_size=args.batch_size,
@@ -207,7 +238,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     from d2gp.training import train
 
     config = _train_config_from_args(args)
-    out = Path(args.out or f"runs/{config.task}-{config.method}-seed{config.seed}")
+    config.validate()
+    out = check_output_path(args.out or f"runs/{config.task}-{config.method}-seed{config.seed}", folder=True)
     summary = train(config, out, resume=args.resume)
     print(f"best validation PSNR {summary['best_val_psnr']:.2f} dB; wrote {out}/ (best.pt, last.pt, log.csv, config.json)")
     print(f"evaluate it with: d2gp evaluate {out}")
@@ -216,6 +248,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from d2gp.apps import evaluate_runs
 
+    check_output_path(args.out or Path(args.runs[0]) / "evaluation", folder=True)
     result = evaluate_runs(args.runs, split=args.split, limit=args.limit, iterations=args.iterations, out=args.out,
                            batch_size=args.batch_size)
     print(result["table"])
@@ -225,6 +258,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from d2gp.apps import demo
 
+    check_output_path(args.out, folder=True)
     result = demo(args.out, task=args.task, profile=args.profile, seed=args.seed)
     print(result["table"])
     print(f"wrote {result['out']}/ (table.md, table.csv, results.json, examples.png, psnr_curves.png)")
@@ -233,47 +267,62 @@ def cmd_demo(args: argparse.Namespace) -> None:
 def cmd_benchmark(args: argparse.Namespace) -> None:
     from d2gp.benchmark import benchmark
 
+    check_output_path(args.out, folder=True)
+    check_output_path(args.runs, folder=True, what="--runs")
     result = benchmark(args.tasks, args.methods, profile=args.profile, seeds=args.seeds, out=args.out, runs=args.runs,
                        iterations=args.iterations)
     print(result["table"])
     print(f"wrote {result['out']}/ (table.md, table.csv, results.json; per task: examples.png, psnr_curves.png)")
 
 
-def cmd_train_denoiser(args: argparse.Namespace) -> None:
-    from d2gp.denoisers import save_denoiser, train_denoiser
+#: Files that train-denoiser writes beside its weights file OUT: they are never a valid --out.
+_DENOISER_SIDE_FILES = {".json": "the metadata file", ".training": "the training checkpoint", ".lock": "the lock file"}
 
+
+def cmd_train_denoiser(args: argparse.Namespace) -> None:
+    from d2gp.denoisers import check_training_settings, save_denoiser, train_denoiser
+
+    settings = dict(depth=args.depth, features=args.features, sigma_min=args.sigma_min, sigma_max=args.sigma_max,
+                    epochs=args.epochs, batch_size=args.batch_size, lr=args.lr)
+    check_training_settings(**settings)
     task = _task_from_args(args)
-    train, val = task.images("train"), task.images("val")
-    print(f"training a DnCNN ({args.depth} layers, {args.features} features) for {task.name} on "
-          f"{len(train)} images of {task.dataset!r}, σ ∈ [{args.sigma_min}, {args.sigma_max}], {args.epochs} epochs")
-    out = Path(args.out)
-    checkpoint = out.with_name(out.name + ".training")
-    if checkpoint.exists() and not args.resume:
-        raise CheckpointError(f"{checkpoint} exists from an earlier run: pass --resume to continue it, or delete it")
-    model, history = train_denoiser(
-        train, val, depth=args.depth, features=args.features, sigma_min=args.sigma_min, sigma_max=args.sigma_max,
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, checkpoint_path=checkpoint)
-    training = {"task": task.config.to_dict(), "cli": {k: v for k, v in vars(args).items() if k != "func"},
-                "environment": environment(), "history": history}
-    save_denoiser(model, out, training)
-    write_json(training, out.with_suffix(".json"))
-    checkpoint.unlink(missing_ok=True)
+    out = check_output_path(args.out, folder=False)
+    if out.suffix in _DENOISER_SIDE_FILES:
+        raise CheckpointError(f"--out {out}: a weights file cannot end in {out.suffix}, the suffix of "
+                              f"{_DENOISER_SIDE_FILES[out.suffix]} written beside it; use e.g. {out.with_suffix('.pt')}")
+    sidecar, checkpoint = out.with_suffix(".json"), out.with_name(out.name + ".training")
+    with lock_path(out.with_name(out.name + ".lock"), f"--out {out}"):
+        if checkpoint.exists() and not args.resume:
+            raise CheckpointError(f"{checkpoint} exists from an earlier run: pass --resume to continue it, or delete it")
+        if not checkpoint.exists():  # a new run: never overwrite a trained denoiser or another one's metadata
+            for path, what in ((out, "a trained denoiser"), (sidecar, "the metadata of another weights file")):
+                if path.exists():
+                    raise CheckpointError(f"{path} exists ({what}): choose another --out, or delete it first")
+        train, val = task.images("train"), task.images("val")
+        print(f"training a DnCNN ({args.depth} layers, {args.features} features) for {task.name} on "
+              f"{len(train)} images of {task.dataset!r}, σ ∈ [{args.sigma_min}, {args.sigma_max}], {args.epochs} epochs")
+        model, history = train_denoiser(train, val, **settings, seed=args.seed, checkpoint_path=checkpoint)
+        training = {"task": task.config.to_dict(), "cli": {k: v for k, v in vars(args).items() if k != "func"},
+                    "environment": environment(), "history": history}
+        save_denoiser(model, out, training)
+        write_json(training, sidecar)
+        checkpoint.unlink(missing_ok=True)
     print("validation PSNR per σ: " + ", ".join(f"σ={s}: {v:.2f} dB" for s, v in history["val_psnr"].items()))
-    print(f"wrote {out} and {out.with_suffix('.json')}")
+    print(f"wrote {out} and {sidecar}")
 
 
 # --- parser -------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="d2gp", description=(
+    parser = _Parser(prog="d2gp", description=(
         "D2GP: learned nonlinear preconditioners for plug-and-play FISTA (single-pixel camera, MRI, "
         "super-resolution)."))
-    parser.add_argument("--threads", type=int, default=None, help="PyTorch CPU threads (default: PyTorch's choice)")
+    parser.add_argument("--threads", type=_positive, default=None, help="PyTorch CPU threads (default: PyTorch's choice)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("demo", help="the main job: train D2GP and Supervised NPOs, evaluate, print the table")
     p.add_argument("--task", choices=list(TASKS), default="spc", help="task (default spc)")
     p.add_argument("--profile", choices=["quick", "full"], default="quick", help="quick: ~14 min on 2 CPU cores")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_non_negative, default=0)
     p.add_argument("--out", default="runs/demo", help="output folder; finished runs in it are reused")
     p.set_defaults(func=cmd_demo)
 
@@ -286,8 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"methods (default all: {' '.join(METHODS)})")
     p.add_argument("--profile", choices=list(BENCHMARK_PROFILES), default="quick",
                    help="quick: the whole table on 3 tasks in about 40 minutes on 2 CPU cores; paper: larger, for a GPU")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0], help="training seeds of the learned methods")
-    p.add_argument("--iterations", "-K", type=int, default=20, help="PnP-FISTA iterations K (evaluated to 2K)")
+    p.add_argument("--seeds", nargs="+", type=_non_negative, default=[0], help="training seeds of the learned methods")
+    p.add_argument("--iterations", "-K", type=_positive, default=20, help="PnP-FISTA iterations K (evaluated to 2K)")
     p.add_argument("--out", default="results/benchmark", help="output folder")
     p.add_argument("--runs", default="runs/benchmark", help="training runs (RUNS/TASK/METHOD-seedS), reused when finished")
     p.set_defaults(func=cmd_benchmark)
@@ -301,10 +350,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="compare trained NPOs with the baseline and the teacher on the test split")
     p.add_argument("runs", nargs="+", help="run directories of `d2gp train` (same task settings)")
-    p.add_argument("--iterations", "-K", type=int, default=None, help="K (default: the runs' training K); runs to 2K")
+    p.add_argument("--iterations", "-K", type=_positive, default=None, help="K (default: the runs' training K); runs to 2K")
     p.add_argument("--split", default="test", choices=["val", "test"])
-    p.add_argument("--limit", type=int, default=None, help="use only the first N images")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--limit", type=_positive, default=None, help="use only the first N images")
+    p.add_argument("--batch-size", type=_positive, default=64)
     p.add_argument("--out", default=None, help="output folder (default RUN/evaluation)")
     p.set_defaults(func=cmd_evaluate)
 
@@ -316,17 +365,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("reconstruct", help="PnP-FISTA with the student and the teacher operators on a split")
     _add_task_arguments(p)
-    p.add_argument("--iterations", "-K", type=int, default=20, help="number of iterations K (default 20)")
+    p.add_argument("--iterations", "-K", type=_positive, default=20, help="number of iterations K (default 20)")
     p.add_argument("--preconditioner", default="identity",
                    help="student preconditioner: identity (default), d2gp or supervised (the NPOs shipped for the "
                         "default tasks), a weights file or a `d2gp train` run directory")
     p.add_argument("--report", default=None,
                    help="comma-separated iterations at which to report PSNR/SSIM (default 1,2,5,10,20 up to K, and K)")
     p.add_argument("--split", default="test", choices=["train", "val", "test"], help="data split (default test)")
-    p.add_argument("--limit", type=int, default=None, help="use only the first N images")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--limit", type=_positive, default=None, help="use only the first N images")
+    p.add_argument("--batch-size", type=_positive, default=64)
     p.add_argument("--noise-seed", type=int, default=0, help="seed of the measurement noise")
-    p.add_argument("--examples", type=int, default=6, help="images in the PNG grid")
+    p.add_argument("--examples", type=_positive, default=6, help="images in the PNG grid")
     p.add_argument("--out", default=None, help="output folder (default results/reconstruct-TASK)")
     p.set_defaults(func=cmd_reconstruct)
 
@@ -340,7 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, help="weights file to write (then load it with --denoiser PATH)")
+    p.add_argument("--out", required=True, help="weights file to write, never overwritten (then load it with "
+                                                "--denoiser PATH); its metadata goes to OUT with the suffix .json")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run with the same --out")
     p.set_defaults(func=cmd_train_denoiser)
     return parser
@@ -352,13 +402,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     from d2gp.data import DataError
+    from d2gp.denoisers import DenoiserError
     from d2gp.training import TrainingError
 
+    def one_line(message, category, filename, lineno, file=None, line=None) -> None:
+        print(f"d2gp {args.command}: warning: {message}", file=sys.stderr)
+
     try:
-        args.func(args)
-    except (TaskError, DataError, CheckpointError, TrainingError) as error:
+        with warnings.catch_warnings():
+            warnings.showwarning = one_line
+            args.func(args)
+    except (TaskError, DataError, CheckpointError, TrainingError, DenoiserError) as error:
         print(f"d2gp {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # the file system: a full disk, a folder that vanished, permissions
+        print(f"d2gp {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"d2gp {args.command}: interrupted (training runs continue with --resume)", file=sys.stderr)
+        return 130
     return 0
 
 
