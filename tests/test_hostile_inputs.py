@@ -354,6 +354,8 @@ def _run_dir(config_text: str | None, command: str):
             (run / "config.json").write_text(config_text)
         if command == "evaluate":
             return ["evaluate", run, "--out", case / "eval"]
+        if command == "reconstruct":  # its results (and config.json) into the run: refused
+            return ["reconstruct", "--task", "spc", "--out", run]
         return ["train", "--task", "spc", "--resume", "--out", run]
     return setup
 
@@ -393,6 +395,8 @@ FILE_CASES = [
     ("evaluate-config-without-train", _run_dir('{"task": {}}', "evaluate"), "lacks its 'train' entry"),
     ("resume-corrupt-config", _run_dir("{not json", "train"), "config.json is corrupt or not JSON"),
     ("resume-deleted-config", _run_dir(None, "train"), "its config.json is missing"),
+    ("reconstruct-into-a-run", _run_dir("{}", "reconstruct"),
+     "is a training run directory; write the reconstructions elsewhere"),
 ]
 
 
@@ -402,7 +406,7 @@ def test_hostile_files(setup, message, tmp_path, capsys, monkeypatch):
     case = tmp_path / "case"
     case.mkdir()
     argv = setup(case)
-    if argv[0] == "reconstruct":
+    if argv[0] == "reconstruct" and "--out" not in argv:
         argv += ["--out", case / "out"]  # never created: the error comes first
     before = _snapshot(case)
     code, _, err = _run(argv, capsys)

@@ -200,6 +200,8 @@ def cmd_reconstruct(args: argparse.Namespace) -> None:
     task = _task_from_args(args)
     ks = _iteration_list(args.report, args.iterations)
     out = check_output_path(args.out or f"results/reconstruct-{task.name}", folder=True)
+    if (out / "checkpoint.pt").exists():  # its config.json would be replaced by this command's
+        raise CheckpointError(f"--out {out} is a training run directory; write the reconstructions elsewhere")
     methods = [("student", task.student, task.student_step_size, None)]
     if args.preconditioner != "identity":  # files first, then data and compute
         from d2gp.training import load_npo
