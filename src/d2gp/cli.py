@@ -13,7 +13,9 @@ included); a warning is one line ``d2gp COMMAND: warning: …``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import os
 import sys
 import typing
 import warnings
@@ -417,6 +419,10 @@ def main(argv: list[str] | None = None) -> int:
     except (TaskError, DataError, CheckpointError, TrainingError, DenoiserError) as error:
         print(f"d2gp {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # stdout closed early (`d2gp tasks | head`): stop quietly, like any Unix tool
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except OSError as error:  # the file system: a full disk, a folder that vanished, permissions
         print(f"d2gp {args.command}: error: {error}", file=sys.stderr)
         return 2
