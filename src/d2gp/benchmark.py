@@ -190,7 +190,7 @@ def benchmark(tasks: Sequence[str] = ("spc", "mri", "sr"), methods: Sequence[str
                     run_dir = ensure_trained(config, runs / task_name / f"{name}-seed{seed}", progress=progress)
                     P, _ = load_npo(run_dir / "best.pt", task)
                     summary = json.loads((run_dir / "summary.json").read_text())
-                    trained_seconds.append(summary["seconds_per_epoch"] * summary["epochs"])
+                    trained_seconds.append(summary["training_seconds"])
                     evaluations.append((P, task.student, task.student_step_size))
                     record[f"seed{seed}"] = str(run_dir)
             elif name == "teacher":

@@ -15,6 +15,7 @@ import torch
 from deepinv.loss.metric import PSNR, SSIM
 from tqdm.auto import tqdm
 
+from d2gp.device import module_device
 from d2gp.solver import pnp_fista
 from d2gp.tasks.base import measure
 
@@ -114,19 +115,21 @@ def evaluate_solver(
         raise ValueError(f"examples_at must be in [0, {iterations}], got {examples_at}")
     kept: list[torch.Tensor] = []
     batches = range(0, len(images), batch_size)
+    device = module_device(physics)
     for start in tqdm(batches, desc=label, disable=not progress, leave=False):
-        x_true = images[start:start + batch_size]
+        x_true = images[start:start + batch_size].to(device)
         y = measure(physics, x_true, seed=noise_seed, offset=start)
         x0 = step_size * physics.A_adjoint(y)
         _, trace = pnp_fista(physics, y, denoiser, step_size, iterations, preconditioner, x0=x0, trace=True)
         estimates = [x0, *trace.x]
         for k, estimate in enumerate(estimates):
-            psnr_k[k].append(psnr(estimate, x_true))
+            psnr_k[k].append(psnr(estimate, x_true).cpu())
             if k in ssim_k:
-                ssim_k[k].append(ssim(estimate, x_true))
+                ssim_k[k].append(ssim(estimate, x_true).cpu())
         for k, f in enumerate(trace.fidelity):
-            fidelity_sum[k] += f.double().sum()
-        kept += [estimates[run.examples_at][i - start] for i in run.example_indices if start <= i < start + len(x_true)]
+            fidelity_sum[k] += f.double().sum().cpu()
+        kept += [estimates[run.examples_at][i - start].cpu() for i in run.example_indices
+                 if start <= i < start + len(x_true)]
     run.psnr = {k: torch.cat(v) for k, v in enumerate(psnr_k)}
     run.ssim = {k: torch.cat(v) for k, v in ssim_k.items()}
     run.fidelity = (fidelity_sum / len(images)).tolist()
