@@ -98,13 +98,23 @@ def test_train_then_evaluate_then_reconstruct_with_the_npo(tmp_path, capsys):
     for name in ("table.md", "table.csv", "results.json", "examples.png", "psnr_curves.png"):
         assert (tmp_path / "eval" / name).is_file()
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
-    assert results["horizon"] == 6 and results["baseline_step_tuning"]["val_psnr_by_step"]
+    assert results["horizons"] == [3, 6, 15] and results["baseline_step_tuning"]["val_psnr_by_step"]
+    assert "PSNR 5K=15 (dB)" in (tmp_path / "eval" / "table.md").read_text()
+    assert results["environment"]["device"].startswith("CPU")
+    assert main(["evaluate", str(run), "--limit", "4", "--safeguard", "2", "--device", "cpu",
+                 "--out", str(tmp_path / "eval2")]) == 0
+    assert "| D2GP, safeguard ρ=2 |" in capsys.readouterr().out
+    guarded = json.loads((tmp_path / "eval2" / "results.json").read_text())["methods"][2]
+    assert guarded["safeguard"] == 2 and set(guarded["still_preconditioned"]) == {str(k) for k in range(1, 16)}
     assert main(["reconstruct", "--task", "spc", "--preconditioner", str(run), "--limit", "4", "-K", "3",
-                 "--out", str(tmp_path / "rec")]) == 0
-    assert "| student + d2gp NPO | 3 |" in capsys.readouterr().out
+                 "--safeguard", "1.5", "--out", str(tmp_path / "rec")]) == 0
+    printed = capsys.readouterr().out
+    assert "| student + d2gp NPO | 3 |" in printed and "| student + d2gp NPO, safeguard ρ=1.5 | 3 |" in printed
     assert main(["reconstruct", "--task", "mri", "--preconditioner", str(run), "--limit", "2", "-K", "1",
                  "--out", str(tmp_path / "rec2")]) == 2
     assert "trained for task 'spc', not 'mri'" in capsys.readouterr().err
+    assert main(["reconstruct", "--task", "spc", "--device", "tpu", "--limit", "2"]) == 2
+    assert "unknown device 'tpu'" in capsys.readouterr().err
 
 
 def test_demo_runs_end_to_end_tiny(tmp_path):

@@ -13,13 +13,14 @@ from pathlib import Path
 from typing import Sequence
 
 from d2gp.checkpoints import CheckpointError
+from d2gp.device import precision, resolve_device
 from d2gp.evaluation import evaluate_solver, format_mean_std, tune_step_size
 from d2gp.plots import examples_figure, psnr_curves
 from d2gp.reports import markdown_table, write_results
 from d2gp.tasks import make_task
 from d2gp.training import TrainConfig, load_npo, saved_train_config, train
 
-__all__ = ["evaluate_runs", "demo", "ensure_trained", "profile_settings", "PROFILES", "TASK_PROFILES"]
+__all__ = ["evaluate_runs", "demo", "ensure_trained", "profile_settings", "PROFILES", "TASK_PROFILES", "HORIZONS"]
 
 #: Training profiles: ``quick`` fits the demo's 15-minute CPU budget; ``full`` is for real runs.
 PROFILES = {
@@ -44,7 +45,7 @@ def profile_settings(profile: str, task: str) -> dict:
 
 
 def ensure_trained(config: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = True,
-                   progress: bool = True) -> Path:
+                   progress: bool = True, device: str | None = "auto") -> Path:
     """Train ``config`` into ``run_dir`` unless a finished run of exactly that configuration is there.
 
     An interrupted run of the same configuration is resumed (``resume``); a run of another
@@ -55,8 +56,9 @@ def ensure_trained(config: TrainConfig, run_dir: str | os.PathLike, *, resume: b
     finished = (run_dir / "summary.json").is_file() and config_path.is_file() and \
         saved_train_config(run_dir) == config.to_json_dict()
     if not finished:
-        train(config, run_dir, resume=resume and (run_dir / "checkpoint.pt").exists(), progress=progress)
+        train(config, run_dir, resume=resume and (run_dir / "checkpoint.pt").exists(), progress=progress, device=device)
     return run_dir
+
 
 METHOD_LABELS = {"d2gp": "D2GP", "supervised": "Supervised"}
 
@@ -68,13 +70,20 @@ def _run_config(run_dir: Path) -> dict:
     return json.loads(path.read_text())
 
 
+#: Multiples of K at which every evaluation reports PSNR: does a method hold past the K it was trained for?
+HORIZONS = (1, 2, 5)
+
+
 def evaluate_runs(run_dirs: Sequence[str | os.PathLike], *, split: str = "test", limit: int | None = None,
                   iterations: int | None = None, out: str | os.PathLike | None = None, batch_size: int = 64,
-                  examples: int = 6, progress: bool = True) -> dict:
+                  examples: int = 6, progress: bool = True, device: str | None = "auto",
+                  safeguard: float | None = None) -> dict:
     """Compare trained NPOs with the student baseline (step tuned on validation) and the teacher.
 
-    Every method runs to 2K iterations (K = the runs' training K unless ``iterations``), so the
-    table shows PSNR at K and whether it holds at 2K. All runs must be of the same task settings.
+    Every method runs to 5K iterations (K = the runs' training K unless ``iterations``), so the
+    table shows PSNR at K and whether it holds at 2K and 5K. All runs must be of the same task
+    settings. With ``safeguard`` (ρ), each trained preconditioner is also run with the solver's
+    safeguard (:func:`~d2gp.solver.pnp_fista`), as an extra row.
     """
     run_dirs = [Path(d) for d in run_dirs]
     configs = [_run_config(d) for d in run_dirs]
@@ -83,9 +92,11 @@ def evaluate_runs(run_dirs: Sequence[str | os.PathLike], *, split: str = "test",
         if c["task"] != first["task"]:
             raise CheckpointError(f"{d} was trained on other task settings than {run_dirs[0]}: cannot compare them")
     train_config = TrainConfig.from_dict(first["train"])
-    task = make_task(train_config.task, **train_config.task_settings)
+    task = make_task(train_config.task, device=resolve_device(device), **train_config.task_settings)
+    precision("evaluation", task.device)
     K = iterations or train_config.iterations
-    horizon = 2 * K
+    horizons = [h * K for h in HORIZONS]
+    horizon = horizons[-1]
     out = Path(out or run_dirs[0] / "evaluation")
     out.mkdir(parents=True, exist_ok=True)
     denoiser = task.denoiser()
@@ -93,30 +104,35 @@ def evaluate_runs(run_dirs: Sequence[str | os.PathLike], *, split: str = "test",
     val = task.images("val", limit=train_config.val_images)
 
     tuned, tuning = tune_step_size(task.student, val, denoiser, task.student_step_size, K)
-    methods = [("student baseline", task.student, tuned, None)]
+    methods = [("student baseline", task.student, tuned, None, None)]
     per_method = [c["train"]["method"] for c in configs]
     for run_dir in run_dirs:
         npo, meta = load_npo(run_dir / "best.pt", task)
         label = METHOD_LABELS.get(meta["method"], meta["method"])
         if per_method.count(meta["method"]) > 1:  # several runs of one method: name them
             label = f"{label} ({run_dir.name})"
-        methods.append((label, task.student, task.student_step_size, npo))
-    methods.append(("teacher (upper bound)", task.teacher, task.teacher_step_size, None))
+        methods.append((label, task.student, task.student_step_size, npo, None))
+        if safeguard is not None:
+            methods.append((f"{label}, safeguard ρ={safeguard:g}", task.student, task.student_step_size, npo, safeguard))
+    methods.append(("teacher (upper bound)", task.teacher, task.teacher_step_size, None, None))
 
     runs = []
-    for label, physics, step, preconditioner in methods:
+    for label, physics, step, preconditioner, rho in methods:
         runs.append(evaluate_solver(label, physics, images, denoiser, step, horizon, preconditioner=preconditioner,
                                     ssim_at=(K,), batch_size=batch_size, keep_examples=examples, examples_at=K,
-                                    progress=progress))
-    header = ["method", f"PSNR K={K} (dB)", f"SSIM K={K}", f"PSNR 2K={horizon} (dB)", "step size γ", "seconds"]
-    rows = [[run.label, format_mean_std(run.psnr[K]), format_mean_std(run.ssim[K], 3), format_mean_std(run.psnr[horizon]),
-             f"{step:.4g}", f"{run.seconds:.1f}"] for run, (_, _, step, _) in zip(runs, methods)]
+                                    progress=progress, safeguard=rho))
+    header = ["method", f"PSNR K={K} (dB)", f"SSIM K={K}", *(f"PSNR {h}K={h * K} (dB)" for h in HORIZONS[1:]),
+              "step size γ", "seconds"]
+    rows = [[run.label, format_mean_std(run.psnr[K]), format_mean_std(run.ssim[K], 3),
+             *(format_mean_std(run.psnr[k]) for k in horizons[1:]), f"{step:.4g}", f"{run.seconds:.1f}"]
+            for run, (_, _, step, _, _) in zip(runs, methods)]
     results = {
-        "task": task.name, "split": split, "images": len(images), "iterations": K, "horizon": horizon,
+        "task": task.name, "split": split, "images": len(images), "iterations": K, "horizons": horizons,
         "runs": [str(d) for d in run_dirs], "baseline_step_tuning": {"chosen": tuned, "val_psnr_by_step": tuning},
-        "methods": [{**run.summary(), "step_size": step} for run, (_, _, step, _) in zip(runs, methods)],
+        "methods": [{**run.summary(), "step_size": step, "safeguard": rho}
+                    for run, (_, _, step, _, rho) in zip(runs, methods)],
     }
-    write_results(out, header, rows, results)
+    write_results(out, header, rows, results, device=task.device)
     examples_figure(images, runs, K, out / "examples.png", f"{task.name}: PnP-FISTA, K = {K}")
     psnr_curves({run.label: run.summary()["psnr_per_iteration"] for run in runs}, out / "psnr_curves.png",
                 title=f"{task.name}: PSNR over iterations (trained for K = {K})", train_iterations=K)
@@ -124,7 +140,8 @@ def evaluate_runs(run_dirs: Sequence[str | os.PathLike], *, split: str = "test",
 
 
 def demo(out: str | os.PathLike = "runs/demo", task: str = "spc", profile: str = "quick", seed: int = 0,
-         resume: bool = True, progress: bool = True, limit: int | None = None, **overrides) -> dict:
+         resume: bool = True, progress: bool = True, limit: int | None = None, device: str | None = "auto",
+         **overrides) -> dict:
     """The main job: train D2GP and Supervised NPOs with ``profile``, then evaluate them on the test split.
 
     Finished runs in ``out`` are reused (``resume``), so an interrupted demo continues where it stopped.
@@ -132,6 +149,6 @@ def demo(out: str | os.PathLike = "runs/demo", task: str = "spc", profile: str =
     """
     out = Path(out)
     base = TrainConfig(task=task, seed=seed, **{**profile_settings(profile, task), **overrides})
-    run_dirs = [ensure_trained(replace(base, method=method), out / method, resume=resume, progress=progress)
-                for method in ("d2gp", "supervised")]
-    return evaluate_runs(run_dirs, out=out / "evaluation", limit=limit, progress=progress)
+    run_dirs = [ensure_trained(replace(base, method=method), out / method, resume=resume, progress=progress,
+                               device=device) for method in ("d2gp", "supervised")]
+    return evaluate_runs(run_dirs, out=out / "evaluation", limit=limit, progress=progress, device=device)

@@ -146,10 +146,12 @@ def _augment(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 def denoiser_psnr(model, images: torch.Tensor, sigma: float, seed: int = 0, batch_size: int = 128) -> float:
     """Mean PSNR (peak 1) of ``model`` on ``images`` + N(0, σ²) noise with a fixed seed."""
     generator = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
     total = 0.0
     for start in range(0, len(images), batch_size):
         clean = images[start:start + batch_size]
-        noisy = clean + sigma * torch.randn(clean.shape, generator=generator)
+        noisy = (clean + sigma * torch.randn(clean.shape, generator=generator)).to(device)
+        clean = clean.to(device)
         mse = (model(noisy) - clean).flatten(1).pow(2).mean(1).clamp_min(1e-12)
         total += float((-10 * torch.log10(mse)).sum())
     return total / len(images)
@@ -169,6 +171,7 @@ def train_denoiser(
     seed: int = 0,
     checkpoint_path: str | os.PathLike | None = None,
     progress: bool = True,
+    device: str | torch.device | None = "cpu",
 ) -> tuple[DnCNN, dict[str, Any]]:
     r"""Train a blind DnCNN on ``train_images`` + N(0, σ²), σ ~ U[σ_min, σ_max] per image.
 
@@ -179,16 +182,21 @@ def train_denoiser(
     ``checkpoint_path`` the state is written atomically after every epoch, and a run started
     again with the same path resumes where it stopped (same result as an uninterrupted run).
 
-    :return: the trained model (eval mode) and a history dict (per-epoch loss, validation PSNR
-        at σ = 0.05 and the final validation PSNR per σ).
+    :param device: where to train (``"auto"``: a CUDA GPU when there is one); the noise is drawn
+        on the CPU, so a seed gives the same training data on every device.
+    :return: the trained model (eval mode, on the CPU) and a history dict (per-epoch loss,
+        validation PSNR at σ = 0.05 and the final validation PSNR per σ).
     """
+    from d2gp.device import prepare, resolve_device
+
+    device = resolve_device(device)
     if not (0 <= sigma_min <= sigma_max and sigma_max > 0):
         raise ValueError(f"need 0 ≤ sigma_min ≤ sigma_max, sigma_max > 0; got {sigma_min}, {sigma_max}")
     if len(train_images) == 0 or len(val_images) == 0:
         raise ValueError("train_denoiser needs non-empty training and validation images")
     seed_everything(seed)
     channels = train_images.shape[1]
-    model = build_dncnn(channels, depth, features)
+    model = prepare(build_dncnn(channels, depth, features), device)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     steps_per_epoch = math.ceil(len(train_images) / batch_size)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch, eta_min=lr / 50)
@@ -209,7 +217,8 @@ def train_denoiser(
         for step in bar:
             clean = _augment(train_images[order[step * batch_size:(step + 1) * batch_size]], generator)
             sigma = sigma_min + (sigma_max - sigma_min) * torch.rand((len(clean), 1, 1, 1), generator=generator)
-            noisy = clean + sigma * torch.randn(clean.shape, generator=generator)
+            noisy = (clean + sigma * torch.randn(clean.shape, generator=generator)).to(device)
+            clean = clean.to(device)
             loss = (model(noisy) - clean).pow(2).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -230,4 +239,4 @@ def train_denoiser(
                                 history=history, epoch=epoch + 1)
     model.eval()
     history["val_psnr"] = {f"{s:g}": denoiser_psnr(model, val_images, s) for s in (0.01, 0.05, 0.1, 0.2)}
-    return model, history
+    return model.cpu(), history

@@ -26,7 +26,7 @@ import platform
 import torch
 
 __all__ = ["DEVICES", "DeviceError", "resolve_device", "describe_device", "prepare", "precision", "to_cpu",
-           "module_device"]
+           "module_device", "synchronize"]
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -103,3 +103,9 @@ def module_device(module) -> torch.device:
     for tensor in (*module.parameters(), *module.buffers()) if isinstance(module, torch.nn.Module) else ():
         return tensor.device
     return torch.device("cpu")
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously): call before reading a clock."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
