@@ -77,12 +77,12 @@ HORIZONS = (1, 2, 5)
 def evaluate_runs(run_dirs: Sequence[str | os.PathLike], *, split: str = "test", limit: int | None = None,
                   iterations: int | None = None, out: str | os.PathLike | None = None, batch_size: int = 64,
                   examples: int = 6, progress: bool = True, device: str | None = "auto",
-                  safeguard: float | None = None) -> dict:
+                  safeguard: float | None = None, horizons: Sequence[int] = HORIZONS) -> dict:
     """Compare trained NPOs with the student baseline (step tuned on validation) and the teacher.
 
-    Every method runs to 5K iterations (K = the runs' training K unless ``iterations``), so the
-    table shows PSNR at K and whether it holds at 2K and 5K. All runs must be of the same task
-    settings. With ``safeguard`` (ρ), each trained preconditioner is also run with the solver's
+    Every method runs to 5K iterations (K = the runs' training K unless ``iterations``; other
+    multiples of K with ``horizons``), so the table shows PSNR at K and whether it holds at 2K and
+    5K. All runs must be of the same task settings. With ``safeguard`` (ρ), each trained preconditioner is also run with the solver's
     safeguard (:func:`~d2gp.solver.pnp_fista`), as an extra row.
     """
     run_dirs = [Path(d) for d in run_dirs]
@@ -95,7 +95,8 @@ def evaluate_runs(run_dirs: Sequence[str | os.PathLike], *, split: str = "test",
     task = make_task(train_config.task, device=resolve_device(device), **train_config.task_settings)
     precision("evaluation", task.device)
     K = iterations or train_config.iterations
-    horizons = [h * K for h in HORIZONS]
+    multiples = sorted(set(horizons) | {1})
+    horizons = [h * K for h in multiples]
     horizon = horizons[-1]
     out = Path(out or run_dirs[0] / "evaluation")
     out.mkdir(parents=True, exist_ok=True)
@@ -121,7 +122,7 @@ def evaluate_runs(run_dirs: Sequence[str | os.PathLike], *, split: str = "test",
         runs.append(evaluate_solver(label, physics, images, denoiser, step, horizon, preconditioner=preconditioner,
                                     ssim_at=(K,), batch_size=batch_size, keep_examples=examples, examples_at=K,
                                     progress=progress, safeguard=rho))
-    header = ["method", f"PSNR K={K} (dB)", f"SSIM K={K}", *(f"PSNR {h}K={h * K} (dB)" for h in HORIZONS[1:]),
+    header = ["method", f"PSNR K={K} (dB)", f"SSIM K={K}", *(f"PSNR {h}K={h * K} (dB)" for h in multiples[1:]),
               "step size γ", "seconds"]
     rows = [[run.label, format_mean_std(run.psnr[K]), format_mean_std(run.ssim[K], 3),
              *(format_mean_std(run.psnr[k]) for k in horizons[1:]), f"{step:.4g}", f"{run.seconds:.1f}"]
