@@ -187,3 +187,23 @@ def test_runs_saved_with_the_old_explicit_default_still_match(tiny, tmp_path):
     assert _config(tiny, lr=3e-2, preconditioner="scalar").to_json_dict()["lr"] is None
     assert _config(tiny, lr=1e-3, preconditioner="scalar").to_json_dict()["lr"] == 1e-3
 
+
+def test_progress_bar_shows_no_nan_before_the_first_validation(tiny, tmp_path, monkeypatch):
+    postfixes = []
+
+    class Bar:  # records what the progress bar would show
+        def __init__(self, iterable, **kwargs):
+            self.iterable = iterable
+
+        def __iter__(self):
+            return iter(self.iterable)
+
+        def set_postfix(self, **kwargs):
+            postfixes.append(kwargs["val_psnr"])
+
+    monkeypatch.setattr(training, "tqdm", Bar)
+    _train(tiny, _config(tiny, epochs=2), tmp_path / "run")
+    log = (tmp_path / "run" / "log.csv").read_text().splitlines()
+    first_epoch = dict(zip(log[0].split(","), log[1].split(",")))
+    # 16 images in batches of 8: two steps per epoch; the first epoch has no validation PSNR yet
+    assert postfixes == ["–", "–", *[f"{float(first_epoch['val_psnr']):.2f}"] * 2]

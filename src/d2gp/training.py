@@ -355,7 +355,7 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = Fal
             optimizer.step()
             for name, value in {"loss": loss.item(), **terms}.items():
                 sums[name] = sums.get(name, 0.0) + value
-            bar.set_postfix(loss=f"{loss.item():.3g}", val_psnr=f"{val_psnr:.2f}")
+            bar.set_postfix(loss=f"{loss.item():.3g}", val_psnr="–" if math.isnan(val_psnr) else f"{val_psnr:.2f}")
         npo.eval()
         run = evaluate_solver("val", task.student, val_images, denoiser, task.student_step_size, config.iterations,
                               preconditioner=npo, progress=False)
