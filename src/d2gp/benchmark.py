@@ -36,7 +36,7 @@ from typing import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from d2gp.apps import HORIZONS, ensure_trained
+from d2gp.apps import HORIZONS, announce, ensure_trained
 from d2gp.checkpoints import CheckpointError
 from d2gp.device import module_device, precision, resolve_device, synchronize
 from d2gp.evaluation import evaluate_solver, format_mean_std, mean_std, tune_step_size
@@ -180,6 +180,7 @@ def benchmark(tasks: Sequence[str] = ("spc", "mri", "sr"), methods: Sequence[str
     device = resolve_device(device)
     all_rows, results = [], {}
     for task_name in tasks:
+        announce(f"benchmark {task_name}: loading the task, its denoiser and data", progress)
         task = make_task(task_name, device=device, **(task_settings or {}))
         precision("evaluation", device)
         denoiser = task.denoiser()
@@ -190,6 +191,9 @@ def benchmark(tasks: Sequence[str] = ("spc", "mri", "sr"), methods: Sequence[str
         entries = []
         for name in tqdm(methods, desc=f"benchmark {task_name}", disable=not progress):
             method = METHODS[name]
+            doing = ("training (or reusing) its runs" if method.learned else
+                     "no tuning" if name == "teacher" else f"tuning on {len(val)} validation images")
+            announce(f"{task_name}, {name}: {doing}, then evaluating on {len(test)} test images", progress)
             evaluations, trained_seconds, record, params = [], [], {}, 0
             if method.learned:
                 lr = TASK_LR.get(task_name, {}).get(method.train["preconditioner"])

@@ -233,10 +233,12 @@ def cmd_reconstruct(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    from d2gp.apps import announce_training
     from d2gp.training import train
 
     config = _train_config_from_args(args)
     out = Path(args.out or f"runs/{config.task}-{config.method}-seed{config.seed}")
+    announce_training(config, out, resuming=args.resume and (out / "checkpoint.pt").exists())
     summary = train(config, out, resume=args.resume, device=args.device)
     print(f"best validation PSNR {summary['best_val_psnr']:.2f} dB; wrote {out}/ (best.pt, last.pt, log.csv, config.json)")
     print(f"evaluate it with: d2gp evaluate {out}")
@@ -304,7 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", choices=list(TASKS), default="spc", help="task (default spc)")
     p.add_argument("--profile", choices=["quick", "full"], default="quick", help="quick: the README's main job")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="runs/demo", help="output folder; finished runs in it are reused")
+    p.add_argument("--out", default="runs/demo",
+                   help="output folder (default runs/demo): the runs in OUT/d2gp and OUT/supervised (finished ones "
+                        "are reused), the evaluation in OUT/evaluation, as `d2gp evaluate` would write it")
     _add_device_argument(p)
     p.set_defaults(func=cmd_demo)
 
@@ -338,7 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=["val", "test"])
     p.add_argument("--limit", type=int, default=None, help="use only the first N images")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--out", default=None, help="output folder (default RUN/evaluation)")
+    p.add_argument("--out", default=None,
+                   help="output folder (default: evaluation/ in the deepest folder holding all the RUNs: "
+                        "RUN/evaluation for one run, runs/evaluation for runs/a runs/b)")
     _add_device_argument(p)
     _add_safeguard_argument(p)
     p.set_defaults(func=cmd_evaluate)
@@ -361,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="use only the first N images")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--noise-seed", type=int, default=0, help="seed of the measurement noise")
-    p.add_argument("--examples", type=int, default=6, help="images in the PNG grid")
+    p.add_argument("--examples", type=int, default=4, help="images in the PNG grid (default 4)")
     p.add_argument("--out", default=None, help="output folder (default results/reconstruct-TASK)")
     _add_device_argument(p)
     _add_safeguard_argument(p)
