@@ -37,7 +37,7 @@ HEADER = ["task", "kind", "lr", "best val PSNR K (dB)", "final val PSNR K (dB)",
 def _row(run: dict) -> list:
     best = run["best_val_psnr"]
     return [run["task"], run["kind"], f"{run['lr']:g}", f"{best:.2f}" if math.isfinite(best) else "nan",
-            f"{run['final_val_psnr']:.2f}", f"{run['seconds_per_epoch'] * run['epochs'] / 60:.1f}"]
+            f"{run['final_val_psnr']:.2f}", f"{run['training_seconds'] / 60:.1f}"]
 
 
 def main():

@@ -7,9 +7,7 @@ import sys
 import pytest
 import torch
 
-from d2gp.checkpoints import CheckpointError
 from d2gp.cli import main
-from d2gp.training import TrainingError
 
 
 def test_help_of_every_subcommand(capsys):
@@ -99,38 +97,20 @@ def test_train_then_evaluate_then_reconstruct_with_the_npo(tmp_path, capsys):
     for name in ("table.md", "table.csv", "results.json", "examples.png", "psnr_curves.png"):
         assert (tmp_path / "eval" / name).is_file()
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
-    assert results["horizon"] == 6 and results["baseline_step_tuning"]["val_psnr_by_step"]
+    assert results["horizons"] == [3, 6, 15] and results["baseline_step_tuning"]["val_psnr_by_step"]
+    assert "PSNR 5K=15 (dB)" in (tmp_path / "eval" / "table.md").read_text()
+    assert results["environment"]["device"].startswith("CPU")
+    assert main(["evaluate", str(run), "--limit", "4", "--safeguard", "2", "--device", "cpu",
+                 "--out", str(tmp_path / "eval2")]) == 0
+    assert "| D2GP, safeguard ρ=2 |" in capsys.readouterr().out
+    guarded = json.loads((tmp_path / "eval2" / "results.json").read_text())["methods"][2]
+    assert guarded["safeguard"] == 2 and set(guarded["still_preconditioned"]) == {str(k) for k in range(1, 16)}
     assert main(["reconstruct", "--task", "spc", "--preconditioner", str(run), "--limit", "4", "-K", "3",
-                 "--out", str(tmp_path / "rec")]) == 0
-    assert "| student + d2gp NPO | 3 |" in capsys.readouterr().out
+                 "--safeguard", "1.5", "--out", str(tmp_path / "rec")]) == 0
+    printed = capsys.readouterr().out
+    assert "| student + d2gp NPO | 3 |" in printed and "| student + d2gp NPO, safeguard ρ=1.5 | 3 |" in printed
     assert main(["reconstruct", "--task", "mri", "--preconditioner", str(run), "--limit", "2", "-K", "1",
                  "--out", str(tmp_path / "rec2")]) == 2
     assert "trained for task 'spc', not 'mri'" in capsys.readouterr().err
-
-
-def test_demo_runs_end_to_end_tiny(tmp_path):
-    from d2gp.apps import demo
-
-    overrides = dict(train_images=16, val_images=8, epochs=1, iterations=2, batch_size=8,
-                     npo={"width": 8, "blocks": 1})
-    result = demo(tmp_path / "demo", limit=8, progress=False, **overrides)
-    assert "| D2GP |" in result["table"] and "| Supervised |" in result["table"]
-    mtime = (tmp_path / "demo" / "d2gp" / "best.pt").stat().st_mtime
-    saved = json.loads((tmp_path / "demo" / "d2gp" / "config.json").read_text())
-    del saved["train"]["linear"]  # a run made before this field existed
-    (tmp_path / "demo" / "d2gp" / "config.json").write_text(json.dumps(saved))
-    demo(tmp_path / "demo", limit=8, progress=False, **overrides)  # finished runs are reused
-    assert (tmp_path / "demo" / "d2gp" / "best.pt").stat().st_mtime == mtime
-    with pytest.raises(TrainingError, match="configuration differs in lr"):  # never overwrites another run
-        demo(tmp_path / "demo", limit=8, progress=False, **{**overrides, "lr": 5e-4})
-
-
-def test_profiles_are_per_task():
-    from d2gp.apps import PROFILES, profile_settings
-
-    assert profile_settings("quick", "spc") == PROFILES["quick"]
-    mri = profile_settings("quick", "mri")
-    assert mri["batch_size"] < 32 and mri["train_images"] < PROFILES["quick"]["train_images"]
-    assert profile_settings("full", "sr") == PROFILES["full"]
-    with pytest.raises(CheckpointError, match="unknown profile 'huge'"):
-        profile_settings("huge", "spc")
+    assert main(["reconstruct", "--task", "spc", "--device", "tpu", "--limit", "2"]) == 2
+    assert "unknown device 'tpu'" in capsys.readouterr().err

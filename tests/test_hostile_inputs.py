@@ -2,8 +2,8 @@
 
 What this module covers, row by row:
 * ``FLAG_CASES``: bad flag values of every command (negative or zero counts, K, batch sizes,
-  threads, NPO and DnCNN architectures, λ weights, learning rates, σ ranges, task settings,
-  benchmark tasks/methods/seeds). Each must exit 2 with one line on stderr naming the problem,
+  threads, NPO and DnCNN architectures, λ weights, learning rates and their schedule, σ ranges,
+  task settings, devices, the safeguard's ρ, benchmark tasks/methods/seeds). Each must exit 2 with one line on stderr naming the problem,
   before any data is loaded (``Task.images`` and ``Task.denoiser`` fail the test if called), and
   create nothing.
 * ``PATH_CASES``: impossible output paths (a file where a folder goes, a path under a file, an
@@ -70,11 +70,13 @@ def _error_line(err: str) -> str:
     return lines[0]
 
 
-def _assert_one_line(code: int, err: str, message: str) -> None:
+def _assert_one_line(code: int, err: str, message: str, phases: int = 0) -> None:
+    """Exit code 2 and one error line naming the problem; before it only ``phases`` lines saying what
+    is starting (``d2gp train`` announces its run, and that it loads the data, before it opens the run)."""
     assert code == 2, err
     lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    assert message in lines[0], lines[0]
+    assert len(lines) == 1 + phases and ": error: " in lines[-1], err
+    assert message in lines[-1], lines[-1]
 
 
 def _fill(argv, tmp_path: Path, **paths) -> list[str]:
@@ -173,6 +175,25 @@ FLAG_CASES = [
     (TRAIN + ["--unroll", "truncated", "--truncate", "0"], "truncate must be in [1, iterations], got 0"),
     (TRAIN + ["--optimizer", "sgd"], "optimizer must be 'adam' or 'adamw', got 'sgd'"),
     (TRAIN + ["--profile", "huge"], "argument --profile: invalid choice: 'huge'"),
+    (TRAIN + ["--updates", "0"], "updates must be ≥ 1 (or unset), got 0"),
+    (TRAIN + ["--val-every", "-1"], "val_every must be ≥ 1 (or unset), got -1"),
+    (TRAIN + ["--schedule", "wild"], "unknown schedule 'wild'"),
+    (TRAIN + ["--warmup", "-1"], "warmup must be ≥ 0 updates, got -1"),
+    (TRAIN + ["--final-lr-ratio", "2"], "final_lr_ratio must be in [0, 1], got 2.0"),
+    (TRAIN + ["--grad-clip", "0"], "grad_clip must be > 0 (or unset), got 0.0"),
+    (TRAIN + ["--tail", "0"], "tail must be in [1, iterations = 20], got 0"),
+    (TRAIN + ["--tail", "99"], "tail must be in [1, iterations = 20], got 99"),
+    (TRAIN + ["--device", "tpu"], "unknown device 'tpu'"),
+    (RECON + ["--device", "tpu"], "unknown device 'tpu'"),
+    (EVAL + ["--device", "tpu"], "unknown device 'tpu'"),
+    (DEN + ["--device", "tpu"], "unknown device 'tpu'"),
+    (BENCH + ["--device", "tpu"], "unknown device 'tpu'"),
+    (DEMO + ["--device", "tpu"], "unknown device 'tpu'"),
+    pytest.param(TRAIN + ["--device", "cuda"], "PyTorch sees no CUDA GPU on this machine",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
+    (RECON + ["--safeguard", "0"], "argument --safeguard: must be a finite number ≥ 1, got 0"),
+    (RECON + ["--safeguard", "nan"], "argument --safeguard: must be a finite number ≥ 1, got nan"),
+    (EVAL + ["--safeguard", "0.5"], "argument --safeguard: must be a finite number ≥ 1, got 0.5"),
     (DEN + ["--sigma-min", "-1"], "need 0 ≤ sigma_min ≤ sigma_max"),
     (DEN + ["--sigma-max", "0"], "need 0 ≤ sigma_min ≤ sigma_max, sigma_max > 0"),
     (DEN + ["--sigma-min", "0.5"], "got 0.5, 0.2"),
@@ -202,7 +223,8 @@ def _case_id(argv: list[str]) -> str:
     return " ".join(a for a in argv if "{" not in a and a not in ("--out", "--runs", "--task", "spc"))
 
 
-@pytest.mark.parametrize("argv,message", FLAG_CASES, ids=[_case_id(a) for a, _ in FLAG_CASES])
+@pytest.mark.parametrize("argv,message", FLAG_CASES,
+                         ids=[_case_id(case.values[0] if hasattr(case, "values") else case[0]) for case in FLAG_CASES])
 def test_bad_flag_values(argv, message, tmp_path, capsys, no_compute):
     before = _snapshot(tmp_path)
     code, _, err = _run(_fill(argv, tmp_path), capsys)
@@ -410,7 +432,7 @@ def test_hostile_files(setup, message, tmp_path, capsys, monkeypatch):
         argv += ["--out", case / "out"]  # never created: the error comes first
     before = _snapshot(case)
     code, _, err = _run(argv, capsys)
-    _assert_one_line(code, err, message)
+    _assert_one_line(code, err, message, phases=2 if argv[0] == "train" else 0)
     assert _snapshot(case) == before  # nothing written, nothing overwritten
 
 
@@ -547,7 +569,7 @@ def test_nan_in_epoch_one_names_no_checkpoint(tmp_path, small_images, tiny_denoi
                                   npo={"width": 8, "blocks": 1})
     with pytest.raises(training.TrainingError) as error:
         training.train(config, tmp_path / "run", progress=False, task=make_task("spc", **config.task_settings))
-    assert "no checkpoint was written yet" in str(error.value) and "last good checkpoint" not in str(error.value)
+    assert "no checkpoint had been written yet" in str(error.value) and "last good checkpoint" not in str(error.value)
     assert not (tmp_path / "run" / "checkpoint.pt").exists() and not (tmp_path / "run" / ".lock").exists()
 
 
@@ -571,7 +593,8 @@ def test_a_run_directory_in_use_is_refused_and_a_dead_holder_is_taken_over(tmp_p
         assert holder.stdout.readline().strip() == "locked"
         before = _snapshot(tmp_path)
         code, _, err = _run(["train", "--task", "spc", "--out", run], capsys)
-        _assert_one_line(code, err, f"run directory {run} is in use by another d2gp process (PID {holder.pid})")
+        _assert_one_line(code, err, f"run directory {run} is in use by another d2gp process (PID {holder.pid})",
+                         phases=2)
         assert _snapshot(tmp_path) == before  # no config.json of a second run
     finally:
         holder.kill()  # dies without releasing: its lock file stays behind

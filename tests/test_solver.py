@@ -144,3 +144,46 @@ def test_bad_arguments(kwargs, message):
     args = {"iterations": 2, "step_size": 1.0, **kwargs}
     with pytest.raises(ValueError, match=message):
         pnp_fista(task.student, y, TinyDenoiser(), args["step_size"], args["iterations"])
+
+
+# --- the safeguard ---------------------------------------------------------------------------------
+def _spc_problem():
+    from d2gp.tasks import make_task
+
+    task = make_task("spc", image_size=16)
+    torch.manual_seed(0)
+    x = torch.nn.functional.avg_pool2d(torch.rand(3, 1, 20, 20), 5, stride=1)
+    return task, task.student.A(x)
+
+
+def test_safeguard_leaves_a_well_behaved_preconditioner_alone():
+    task, y = _spc_problem()
+    kw = dict(denoiser=lambda v: 0.9 * v.clamp(0, 1), step_size=task.student_step_size, iterations=12)
+    with torch.no_grad():
+        plain = pnp_fista(task.student, y, preconditioner=lambda g, k: 1.2 * g, **kw)
+        guarded, trace = pnp_fista(task.student, y, preconditioner=lambda g, k: 1.2 * g, safeguard=10.0, trace=True, **kw)
+    torch.testing.assert_close(guarded, plain, rtol=1e-5, atol=1e-6)
+    assert all(bool(a.all()) for a in trace.active)
+
+
+def test_safeguard_rejects_a_blow_up_and_continues_as_plain_fista():
+    """P explodes from k = 6 on: that step is rejected, and the rest is plain PnP-FISTA from x_6."""
+    task, y = _spc_problem()
+    den = lambda v: 0.9 * v.clamp(0, 1)  # noqa: E731
+    gamma, K = task.student_step_size, 12
+    explode = lambda g, k: g if k < 6 else 1e3 * g  # noqa: E731
+    with torch.no_grad():
+        guarded, trace = pnp_fista(task.student, y, den, gamma, K, explode, safeguard=2.0, trace=True)
+        first, _ = pnp_fista(task.student, y, den, gamma, 6, explode, trace=True)
+        rest = pnp_fista(task.student, y, den, gamma, K - 7, None, x0=first)  # iteration 6 was rejected
+        unguarded = pnp_fista(task.student, y, den, gamma, K, explode)
+    assert [bool(a.any()) for a in trace.active] == [True] * 6 + [False] * 6
+    torch.testing.assert_close(trace.x[6], first)  # the rejected step left x where it was
+    torch.testing.assert_close(guarded, rest, rtol=1e-5, atol=1e-6)
+    assert (unguarded - guarded).abs().max() > 0.1
+
+
+def test_safeguard_needs_rho_at_least_one():
+    task, y = _spc_problem()
+    with pytest.raises(ValueError, match="safeguard"):
+        pnp_fista(task.student, y, torch.tanh, 1.0, 2, lambda g, k: g, safeguard=0.5)

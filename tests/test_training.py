@@ -1,4 +1,4 @@
-"""Losses and the bilevel training loop on a tiny problem: learning, exact resume, NaN stop, refusals."""
+"""The bilevel training loop on a tiny problem: learning, exact resume, NaN stop, refusals (losses: test_losses)."""
 
 import json
 
@@ -7,32 +7,13 @@ import torch
 
 import d2gp.training as training
 from d2gp.checkpoints import CheckpointError, atomic_save, load_checkpoint
-from d2gp.losses import LossWeights, cosine_distance, gradient_loss, imitation_loss, supervised_loss
+from d2gp.losses import supervised_loss
 from d2gp.solver import pnp_fista
 from d2gp.tasks import make_task
 from d2gp.training import TrainConfig, TrainingError, load_npo, train
 
 
-# --- losses -------------------------------------------------------------------------------------
-def test_losses_zero_when_equal_positive_otherwise():
-    a = torch.randn(3, 1, 8, 8)
-    b = torch.randn(3, 1, 8, 8)
-    assert float(gradient_loss([a, a], [a, 5 * a])) == pytest.approx(0, abs=1e-6)  # scale-free
-    assert float(gradient_loss([a], [b])) > 0.5
-    assert float(gradient_loss([a], [-a])) == pytest.approx(2.0, abs=1e-6)
-    assert float(imitation_loss(a, a)) == 0 and float(imitation_loss(a, b)) > 0
-    assert float(supervised_loss(a, a)) == 0 and float(supervised_loss(a, b)) > 0
-    torch.testing.assert_close(cosine_distance(a, b), cosine_distance(3 * a, 0.1 * b))
-
-
-def test_loss_weights_validation():
-    assert LossWeights(0, 0, 1).needs_teacher is False
-    with pytest.raises(ValueError, match="all loss weights are zero"):
-        LossWeights(0, 0, 0)
-    with pytest.raises(ValueError, match="≥ 0"):
-        LossWeights(-1, 0, 1)
-
-
+# --- unrolling ------------------------------------------------------------------------------------
 def test_truncated_unrolling_stops_gradients():
     task = make_task("spc", image_size=16)
     y, _ = task.measure(torch.rand(2, 1, 16, 16), seed=0)
@@ -108,7 +89,7 @@ def test_resume_after_interruption_gives_the_same_weights(tiny, tmp_path, monkey
     with pytest.raises(KeyboardInterrupt):
         _train(tiny, config, tmp_path / "killed")
     monkeypatch.setattr(training, "evaluate_solver", original)
-    assert load_checkpoint(tmp_path / "killed" / "checkpoint.pt")["epoch"] == 1
+    assert load_checkpoint(tmp_path / "killed" / "checkpoint.pt")["update"] == 2  # one epoch of 2 updates
     with pytest.raises(TrainingError, match="resume"):
         _train(tiny, config, tmp_path / "killed")
     _train(tiny, config, tmp_path / "killed", resume=True)
@@ -139,7 +120,7 @@ def test_nan_loss_stops_with_last_checkpoint_intact(tiny, tmp_path, monkeypatch)
     monkeypatch.setattr(training, "_loss", nan_in_epoch_two)
     with pytest.raises(TrainingError, match="last good checkpoint"):
         _train(tiny, _config(tiny), tmp_path / "run")
-    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["epoch"] == 1
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["update"] == 2
 
 
 def test_foreign_checkpoints_are_refused(tiny, tmp_path):
@@ -206,3 +187,123 @@ def test_runs_saved_with_the_old_explicit_default_still_match(tiny, tmp_path):
     assert training.saved_train_config(tmp_path) != _config(tiny, lr=2e-3).to_json_dict()
     assert _config(tiny, lr=3e-2, preconditioner="scalar").to_json_dict()["lr"] is None
     assert _config(tiny, lr=1e-3, preconditioner="scalar").to_json_dict()["lr"] == 1e-3
+
+
+# --- budgets, schedules, the loss's tail, the teacher's cache -------------------------------------
+def test_learning_rate_schedules():
+    cosine = TrainConfig(schedule="cosine", warmup=4, final_lr_ratio=0.1)
+    factors = [training.lr_factor(cosine, u, 104) for u in range(104)]
+    assert factors[:4] == [0.25, 0.5, 0.75, 1.0]  # linear warm-up
+    assert factors[4] == pytest.approx(1.0) and factors[54] == pytest.approx(0.55)  # half-way: the mean
+    assert factors[-1] == pytest.approx(0.1, abs=1e-3) and all(a >= b for a, b in zip(factors[4:], factors[5:]))
+    constant = TrainConfig(schedule="constant", warmup=2)
+    assert [training.lr_factor(constant, u, 10) for u in range(4)] == [0.5, 1.0, 1.0, 1.0]
+    with pytest.raises(TrainingError, match="warmup needs"):
+        TrainConfig(schedule="plateau", warmup=3).validate()
+
+
+def test_validation_points():
+    config = TrainConfig(val_every=4, val_points=[1, 2, 100])
+    assert training.validation_points(config, 5, 10) == [1, 2, 4, 8, 10]
+    assert training.validation_points(TrainConfig(), 5, 12) == [5, 10, 12]  # once per epoch and at the end
+
+
+def test_update_budget_resumes_mid_epoch_bit_for_bit(tiny, tmp_path, monkeypatch):
+    """A budget in updates, validated every update (mid-epoch), cosine schedule: kill and resume."""
+    config = _config(tiny, updates=5, val_every=1, schedule="cosine", warmup=2, grad_clip=0.5, tail=2)
+    _train(tiny, config, tmp_path / "straight")
+    calls = {"n": 0}
+    original = training.evaluate_solver
+
+    def dies_in_third_validation(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(training, "evaluate_solver", dies_in_third_validation)
+    with pytest.raises(KeyboardInterrupt):
+        _train(tiny, config, tmp_path / "killed")
+    monkeypatch.setattr(training, "evaluate_solver", original)
+    assert load_checkpoint(tmp_path / "killed" / "checkpoint.pt")["update"] == 2
+    summary = _train(tiny, config, tmp_path / "killed", resume=True)
+    a = load_checkpoint(tmp_path / "straight" / "last.pt")["state_dict"]
+    b = load_checkpoint(tmp_path / "killed" / "last.pt")["state_dict"]
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    log = (tmp_path / "killed" / "log.csv").read_text().strip().splitlines()
+    assert len(log) == 6 and log[0].startswith("update,epoch,loss") and "grad_norm" in log[0]
+    assert summary["updates"] == 5 and summary["epochs"] == 2.5
+
+
+def test_teacher_targets_are_the_teachers_seeded_run(tiny):
+    task = make_task("spc", **tiny["settings"])
+    den = task.denoiser()
+    images = tiny["train"][:5]
+    targets = training.TeacherTargets(task, den, images, iterations=3, seed=2, batch_size=2)
+    base = training.TEACHER_NOISE_SEED + 200_000
+    for i in range(5):
+        y = training.measure(task.teacher, images[i:i + 1], seed=base + i)
+        with torch.no_grad():
+            x = pnp_fista(task.teacher, y, den, task.teacher_step_size, 3)
+        assert torch.equal(targets.y[i:i + 1], y)
+        torch.testing.assert_close(targets.x[i:i + 1], x, rtol=1e-5, atol=1e-6)  # batched vs single
+    y_t, x_t = targets[torch.tensor([4, 0])]
+    assert torch.equal(y_t, targets.y[[4, 0]]) and torch.equal(x_t, targets.x[[4, 0]])
+
+
+def test_the_tail_averages_the_supervised_loss_over_the_last_iterates(tiny):
+    config = _config(tiny, method="supervised", tail=2)
+    task = make_task("spc", **config.task_settings)
+    den, x = task.denoiser(), tiny["train"][:4]
+    npo = training.build_preconditioner(config, task)
+    with torch.no_grad():
+        loss, terms = training._loss(config, task, npo, den, x, seed=5)
+        y = training.measure(task.student, x, seed=5)
+        _, trace = pnp_fista(task.student, y, den, task.student_step_size, 3, npo, trace=True)
+    expected = 0.5 * (supervised_loss(trace.x[1], x) + supervised_loss(trace.x[2], x))
+    assert terms["supervised"] == pytest.approx(float(expected), rel=1e-6)
+    assert float(loss) == pytest.approx(300 * float(expected), rel=1e-6)
+    with pytest.raises(TrainingError, match="tail"):
+        _config(tiny, tail=4).validate()
+    with pytest.raises(TrainingError, match="tail .* must not exceed truncate"):
+        _config(tiny, tail=3, unroll="truncated", truncate=2).validate()
+
+
+def test_trained_npo_repeats_its_last_operator_past_k(tiny, tmp_path):
+    _train(tiny, _config(tiny, epochs=1), tmp_path / "run")
+    npo, meta = load_npo(tmp_path / "run" / "best.pt")
+    assert meta["npo"]["max_iteration"] == 2  # K − 1
+    g = torch.randn(1, 1, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(npo(g, 9), npo(g, 2))
+
+
+def test_progress_bar_shows_no_nan_before_the_first_validation(tiny, tmp_path, monkeypatch):
+    postfixes = []
+
+    class Bar:  # records what the progress bar would show
+        def __init__(self, iterable=(), **kwargs):
+            self.iterable = iterable
+
+        def __iter__(self):
+            return iter(self.iterable)
+
+        def update(self, n=1):
+            pass
+
+        def write(self, text):
+            pass
+
+        def close(self):
+            pass
+
+        def set_postfix(self, **kwargs):
+            postfixes.append(kwargs["val_psnr"])
+
+    monkeypatch.setattr(training, "tqdm", Bar)
+    _train(tiny, _config(tiny, epochs=2), tmp_path / "run")
+    log = (tmp_path / "run" / "log.csv").read_text().splitlines()
+    first_epoch = dict(zip(log[0].split(","), log[1].split(",")))
+    # 16 images in batches of 8: two updates per epoch; the first epoch has no validation PSNR yet
+    assert postfixes == ["–", "–", *[f"{float(first_epoch['val_psnr']):.2f}"] * 2]

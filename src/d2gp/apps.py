@@ -7,18 +7,24 @@ an output folder and return the same data; :mod:`d2gp.cli` only parses arguments
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
+from tqdm.auto import tqdm
+
 from d2gp.checkpoints import CheckpointError, read_json, require_entries
+from d2gp.device import precision, resolve_device
+from d2gp.data.cache import cache_dir
 from d2gp.evaluation import evaluate_solver, format_mean_std, tune_step_size
 from d2gp.plots import examples_figure, psnr_curves
 from d2gp.reports import markdown_table, write_results
 from d2gp.tasks import make_task
 from d2gp.training import TrainConfig, load_npo, saved_train_config, train
 
-__all__ = ["evaluate_runs", "demo", "ensure_trained", "profile_settings", "PROFILES", "TASK_PROFILES"]
+__all__ = ["evaluate_runs", "evaluation_dir", "demo", "ensure_trained", "announce", "announce_training",
+           "profile_settings", "PROFILES", "TASK_PROFILES", "HORIZONS"]
 
 #: Training profiles: ``quick`` fits the demo's 15-minute CPU budget; ``full`` is for real runs.
 PROFILES = {
@@ -42,8 +48,25 @@ def profile_settings(profile: str, task: str) -> dict:
     return {**PROFILES[profile], **TASK_PROFILES.get((profile, task), {})}
 
 
+def announce(message: str, progress: bool = True) -> None:
+    """Say what is happening now, one line on stderr (written between progress bars); nothing when
+    ``progress`` is off, so that a ``progress=False`` API call stays silent."""
+    if progress:
+        tqdm.write(message, file=sys.stderr)
+
+
+def announce_training(config: TrainConfig, run_dir: str | os.PathLike, resuming: bool, progress: bool = True) -> None:
+    """:func:`announce` the training run about to start (or resume): what, on how much data, and
+    that the data are loaded first (slow only the first time: then they are cached)."""
+    images = "all" if config.train_images is None else config.train_images
+    announce(f"{run_dir}: {'resuming' if resuming else 'training'} {config.method} ({config.preconditioner}) on "
+             f"{config.task}: {images} images × {config.epochs} epochs, batch {config.batch_size}; validation PSNR "
+             f"after each epoch", progress)
+    announce(f"loading the data and the denoiser (a dataset's first load also caches it in {cache_dir()})", progress)
+
+
 def ensure_trained(config: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = True,
-                   progress: bool = True) -> Path:
+                   progress: bool = True, device: str | None = "auto") -> Path:
     """Train ``config`` into ``run_dir`` unless a finished run of exactly that configuration is there.
 
     An interrupted run of the same configuration is resumed (``resume``); a run of another
@@ -53,9 +76,14 @@ def ensure_trained(config: TrainConfig, run_dir: str | os.PathLike, *, resume: b
     config_path = run_dir / "config.json"
     finished = (run_dir / "summary.json").is_file() and config_path.is_file() and \
         saved_train_config(run_dir) == config.to_json_dict()
-    if not finished:
-        train(config, run_dir, resume=resume and (run_dir / "checkpoint.pt").exists(), progress=progress)
+    if finished:
+        announce(f"{run_dir}: a finished run of this configuration, reused (delete the folder to train again)", progress)
+    else:
+        resuming = resume and (run_dir / "checkpoint.pt").exists()
+        announce_training(config, run_dir, resuming, progress)
+        train(config, run_dir, resume=resuming, progress=progress, device=device)
     return run_dir
+
 
 METHOD_LABELS = {"d2gp": "D2GP", "supervised": "Supervised"}
 
@@ -69,13 +97,42 @@ def _run_config(run_dir: Path) -> dict:
     return config
 
 
+#: Multiples of K at which every evaluation reports PSNR: does a method hold past the K it was trained for?
+HORIZONS = (1, 2, 5)
+
+
+def evaluation_dir(run_dirs: Sequence[str | os.PathLike]) -> Path:
+    """Where an evaluation of ``run_dirs`` is written unless told otherwise: ``evaluation/`` in the
+    deepest folder that contains all of them — ``RUN/evaluation`` for one run, ``runs/evaluation``
+    for ``runs/spc-d2gp`` and ``runs/spc-sup``, ``runs/demo/evaluation`` for the demo's
+    ``runs/demo/d2gp`` and ``runs/demo/supervised``.
+
+    :raises CheckpointError: no runs, or runs that share no folder but the filesystem root.
+    """
+    paths = [os.path.normpath(os.fspath(d)) for d in run_dirs]
+    if not paths:
+        raise CheckpointError("no run directories to evaluate")
+    try:
+        common = Path(os.path.commonpath(paths))
+    except ValueError:  # absolute and relative paths mixed
+        common = Path(os.path.commonpath([os.path.abspath(p) for p in paths]))
+    if common.is_absolute() and common == Path(common.anchor):
+        raise CheckpointError(f"the runs {', '.join(paths)} share no folder to hold their evaluation: "
+                              f"choose one with --out")
+    return common / "evaluation"
+
+
 def evaluate_runs(run_dirs: Sequence[str | os.PathLike], *, split: str = "test", limit: int | None = None,
                   iterations: int | None = None, out: str | os.PathLike | None = None, batch_size: int = 64,
-                  examples: int = 6, progress: bool = True) -> dict:
+                  examples: int = 4, progress: bool = True, device: str | None = "auto",
+                  safeguard: float | None = None, horizons: Sequence[int] = HORIZONS) -> dict:
     """Compare trained NPOs with the student baseline (step tuned on validation) and the teacher.
 
-    Every method runs to 2K iterations (K = the runs' training K unless ``iterations``), so the
-    table shows PSNR at K and whether it holds at 2K. All runs must be of the same task settings.
+    Every method runs to 5K iterations (K = the runs' training K unless ``iterations``; other
+    multiples of K with ``horizons``), so the table shows PSNR at K and whether it holds at 2K and
+    5K. All runs must be of the same task settings. With ``safeguard`` (ρ), each trained
+    preconditioner is also run with the solver's safeguard (:func:`~d2gp.solver.pnp_fista`), as an
+    extra row. The results go to ``out``, by default :func:`evaluation_dir` of the runs.
     """
     run_dirs = [Path(d) for d in run_dirs]
     configs = [_run_config(d) for d in run_dirs]
@@ -84,42 +141,56 @@ def evaluate_runs(run_dirs: Sequence[str | os.PathLike], *, split: str = "test",
         if c["task"] != first["task"]:
             raise CheckpointError(f"{d} was trained on other task settings than {run_dirs[0]}: cannot compare them")
     train_config = TrainConfig.from_dict(first["train"])
-    task = make_task(train_config.task, **train_config.task_settings)
+    task = make_task(train_config.task, device=resolve_device(device), **train_config.task_settings)
+    precision("evaluation", task.device)
     K = train_config.iterations if iterations is None else iterations
     if K < 1:
         raise CheckpointError(f"iterations must be ≥ 1, got {K}")
-    horizon = 2 * K
-    out = Path(out or run_dirs[0] / "evaluation")
+    multiples = sorted(set(horizons) | {1})
+    horizons = [h * K for h in multiples]
+    horizon = horizons[-1]
+    out = Path(out) if out is not None else evaluation_dir(run_dirs)
     out.mkdir(parents=True, exist_ok=True)
+    announce(f"evaluating on {task.name}: loading the {split} and validation images and the denoiser", progress)
     denoiser = task.denoiser()
     images = task.images(split, limit=limit)
     val = task.images("val", limit=train_config.val_images)
 
+    announce(f"tuning the student baseline's step size γ on {len(val)} validation images at K = {K} "
+             f"(a grid, then golden-section search)", progress)
     tuned, tuning = tune_step_size(task.student, val, denoiser, task.student_step_size, K)
-    methods = [("student baseline", task.student, tuned, None)]
+    announce(f"baseline step γ = {tuned:.4g} ({tuned / task.student_step_size:.2f} × the task's γ)", progress)
+    methods = [("student baseline", task.student, tuned, None, None)]
     per_method = [c["train"]["method"] for c in configs]
     for run_dir in run_dirs:
         npo, meta = load_npo(run_dir / "best.pt", task)
         label = METHOD_LABELS.get(meta["method"], meta["method"])
         if per_method.count(meta["method"]) > 1:  # several runs of one method: name them
             label = f"{label} ({run_dir.name})"
-        methods.append((label, task.student, task.student_step_size, npo))
-    methods.append(("teacher (upper bound)", task.teacher, task.teacher_step_size, None))
+        methods.append((label, task.student, task.student_step_size, npo, None))
+        if safeguard is not None:
+            methods.append((f"{label}, safeguard ρ={safeguard:g}", task.student, task.student_step_size, npo, safeguard))
+    methods.append(("teacher (upper bound)", task.teacher, task.teacher_step_size, None, None))
 
+    announce(f"running {len(methods)} methods to {multiples[-1]}K = {horizon} iterations on {len(images)} {split} images", progress)
     runs = []
-    for label, physics, step, preconditioner in methods:
+    for label, physics, step, preconditioner, rho in methods:
         runs.append(evaluate_solver(label, physics, images, denoiser, step, horizon, preconditioner=preconditioner,
                                     ssim_at=(K,), batch_size=batch_size, keep_examples=examples, examples_at=K,
-                                    progress=progress))
-    header = ["method", f"PSNR K={K} (dB)", f"SSIM K={K}", f"PSNR 2K={horizon} (dB)", "step size γ", "seconds"]
-    rows = [[run.label, format_mean_std(run.psnr[K]), format_mean_std(run.ssim[K], 3), format_mean_std(run.psnr[horizon]),
-             f"{step:.4g}", f"{run.seconds:.1f}"] for run, (_, _, step, _) in zip(runs, methods)]
+                                    progress=progress, safeguard=rho))
+    header = ["method", f"PSNR K={K} (dB)", f"SSIM K={K}", *(f"PSNR {h}K={h * K} (dB)" for h in multiples[1:]),
+              "step size γ", "seconds"]
+    rows = [[run.label, format_mean_std(run.psnr[K]), format_mean_std(run.ssim[K], 3),
+             *(format_mean_std(run.psnr[k]) for k in horizons[1:]), f"{step:.4g}", f"{run.seconds:.1f}"]
+            for run, (_, _, step, _, _) in zip(runs, methods)]
     results = {
-        "task": task.name, "split": split, "images": len(images), "iterations": K, "horizon": horizon,
+        "task": task.name, "split": split, "images": len(images), "iterations": K, "horizons": horizons,
         "runs": [str(d) for d in run_dirs], "baseline_step_tuning": {"chosen": tuned, "val_psnr_by_step": tuning},
-        "methods": [{**run.summary(), "step_size": step} for run, (_, _, step, _) in zip(runs, methods)],
+        "methods": [{**run.summary(), "step_size": step, "safeguard": rho}
+                    for run, (_, _, step, _, rho) in zip(runs, methods)],
     }
-    write_results(out, header, rows, results)
+    announce(f"writing the table and figures to {out}", progress)
+    write_results(out, header, rows, results, device=task.device)
     examples_figure(images, runs, K, out / "examples.png", f"{task.name}: PnP-FISTA, K = {K}")
     psnr_curves({run.label: run.summary()["psnr_per_iteration"] for run in runs}, out / "psnr_curves.png",
                 title=f"{task.name}: PSNR over iterations (trained for K = {K})", train_iterations=K)
@@ -127,14 +198,19 @@ def evaluate_runs(run_dirs: Sequence[str | os.PathLike], *, split: str = "test",
 
 
 def demo(out: str | os.PathLike = "runs/demo", task: str = "spc", profile: str = "quick", seed: int = 0,
-         resume: bool = True, progress: bool = True, limit: int | None = None, **overrides) -> dict:
+         resume: bool = True, progress: bool = True, limit: int | None = None, device: str | None = "auto",
+         **overrides) -> dict:
     """The main job: train D2GP and Supervised NPOs with ``profile``, then evaluate them on the test split.
 
-    Finished runs in ``out`` are reused (``resume``), so an interrupted demo continues where it stopped.
+    The runs go to ``out/d2gp`` and ``out/supervised``, the evaluation to ``out/evaluation``
+    (:func:`evaluation_dir`, the rule of ``d2gp evaluate``). Finished runs in ``out`` are reused
+    (``resume``), so an interrupted demo continues where it stopped.
     ``overrides`` are :class:`~d2gp.training.TrainConfig` fields; ``limit`` caps the test images.
     """
     out = Path(out)
     base = TrainConfig(task=task, seed=seed, **{**profile_settings(profile, task), **overrides})
-    run_dirs = [ensure_trained(replace(base, method=method), out / method, resume=resume, progress=progress)
-                for method in ("d2gp", "supervised")]
-    return evaluate_runs(run_dirs, out=out / "evaluation", limit=limit, progress=progress)
+    announce(f"d2gp demo: train D2GP and Supervised NPOs on {task} ({profile} profile), then compare them with "
+             f"the student baseline and the teacher on the test split", progress)
+    run_dirs = [ensure_trained(replace(base, method=method), out / method, resume=resume, progress=progress,
+                               device=device) for method in ("d2gp", "supervised")]
+    return evaluate_runs(run_dirs, limit=limit, progress=progress, device=device)

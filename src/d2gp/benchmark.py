@@ -36,8 +36,9 @@ from typing import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from d2gp.apps import ensure_trained
+from d2gp.apps import HORIZONS, announce, ensure_trained
 from d2gp.checkpoints import CheckpointError
+from d2gp.device import module_device, precision, resolve_device, synchronize
 from d2gp.evaluation import evaluate_solver, format_mean_std, mean_std, tune_step_size
 from d2gp.plots import examples_figure, psnr_curves
 from d2gp.preconditioners.classical import Newton, Polynomial
@@ -138,9 +139,12 @@ def _classical(name: str, task: Task, val: torch.Tensor, denoiser, K: int):
 
 @torch.no_grad()
 def _seconds_per_image(physics, images, denoiser, step, K, P) -> float:
-    y = physics.A(images)
+    device = module_device(physics)
+    y = physics.A(images.to(device))
+    synchronize(device)
     began = time.perf_counter()
     pnp_fista(physics, y, denoiser, step, K, P)
+    synchronize(device)
     return (time.perf_counter() - began) / len(images)
 
 
@@ -170,13 +174,14 @@ def benchmark(tasks: Sequence[str] = ("spc", "mri", "sr"), methods: Sequence[str
               profile: str = "quick", seeds: Sequence[int] = (0,), out: str | os.PathLike = "results/benchmark",
               runs: str | os.PathLike = "runs/benchmark", iterations: int = 20, examples: int = 4,
               progress: bool = True, task_settings: dict | None = None, limit: int | None = None,
-              tune_images: int | None = None, **train_overrides) -> dict:
+              tune_images: int | None = None, device: str | None = "auto", **train_overrides) -> dict:
     """Run ``methods`` on ``tasks`` (see the module documentation); returns the tables and results.
 
     :param seeds: training seeds of the learned methods (non-learned ones do not depend on it).
     :param runs: where the training runs live: ``runs/TASK/METHOD-seedS`` (reused when finished).
     :param task_settings: task overrides (for all tasks), e.g. ``{"image_size": 16}`` in tests.
     :param limit, tune_images: cap the test images / set the validation images for tuning (default: the profile's).
+    :param device: where to train and evaluate (``"auto"``: a CUDA GPU when there is one).
     :param train_overrides: :class:`~d2gp.training.TrainConfig` fields on top of the profile's.
     """
     _check_request(tasks, methods, seeds, iterations)
@@ -184,11 +189,16 @@ def benchmark(tasks: Sequence[str] = ("spc", "mri", "sr"), methods: Sequence[str
         raise CheckpointError(f"unknown profile {profile!r}; choose one of {', '.join(BENCHMARK_PROFILES)}")
     settings = BENCHMARK_PROFILES[profile]
     out, runs = Path(out), Path(runs)
-    header = ["method", "learned", f"PSNR K={iterations} (dB)", f"SSIM K={iterations}", f"PSNR 2K={2 * iterations} (dB)",
+    horizons = [h * iterations for h in HORIZONS]
+    header = ["method", "learned", f"PSNR K={iterations} (dB)", f"SSIM K={iterations}",
+              *(f"PSNR {h}K={h * iterations} (dB)" for h in HORIZONS[1:]),
               "seed spread (dB)", "parameters", "ratio to D2GP", "training (min)", "inference (ms/image)"]
+    device = resolve_device(device)
     all_rows, results = [], {}
     for task_name in tasks:
-        task = make_task(task_name, **(task_settings or {}))
+        announce(f"benchmark {task_name}: loading the task, its denoiser and data", progress)
+        task = make_task(task_name, device=device, **(task_settings or {}))
+        precision("evaluation", device)
         denoiser = task.denoiser()
         train_settings = {**settings["train"].get(task_name, settings["train"]["spc"]), **train_overrides}
         val = task.images("val", limit=tune_images or settings["tune_images"])
@@ -197,16 +207,21 @@ def benchmark(tasks: Sequence[str] = ("spc", "mri", "sr"), methods: Sequence[str
         entries = []
         for name in tqdm(methods, desc=f"benchmark {task_name}", disable=not progress):
             method = METHODS[name]
+            doing = ("training (or reusing) its runs" if method.learned else
+                     "no tuning" if name == "teacher" else f"tuning on {len(val)} validation images")
+            announce(f"{task_name}, {name}: {doing}, then evaluating on {len(test)} test images", progress)
             evaluations, trained_seconds, record, params = [], [], {}, 0
             if method.learned:
                 lr = TASK_LR.get(task_name, {}).get(method.train["preconditioner"])
                 for seed in seeds:
                     config = TrainConfig(task=task_name, task_settings=task_settings or {}, seed=seed, iterations=iterations,
                                          **{**({"lr": lr} if lr else {}), **train_settings, **method.train})
-                    run_dir = ensure_trained(config, runs / task_name / f"{name}-seed{seed}", progress=progress)
+                    run_dir = ensure_trained(config, runs / task_name / f"{name}-seed{seed}", progress=progress,
+                                             device=device)
+                    precision("evaluation", device)
                     P, _ = load_npo(run_dir / "best.pt", task)
                     summary = json.loads((run_dir / "summary.json").read_text())
-                    trained_seconds.append(summary["seconds_per_epoch"] * summary["epochs"])
+                    trained_seconds.append(summary["training_seconds"])
                     evaluations.append((P, task.student, task.student_step_size))
                     record[f"seed{seed}"] = str(run_dir)
             elif name == "teacher":
@@ -217,7 +232,7 @@ def benchmark(tasks: Sequence[str] = ("spc", "mri", "sr"), methods: Sequence[str
             runs_of_method, seconds = [], []
             for P, physics, step in evaluations:
                 params = _parameters(P)
-                runs_of_method.append(evaluate_solver(method.label, physics, test, denoiser, step, 2 * iterations,
+                runs_of_method.append(evaluate_solver(method.label, physics, test, denoiser, step, horizons[-1],
                                                       preconditioner=P, ssim_at=(iterations,), keep_examples=examples,
                                                       examples_at=iterations,
                                                       progress=False))
@@ -227,28 +242,28 @@ def benchmark(tasks: Sequence[str] = ("spc", "mri", "sr"), methods: Sequence[str
         d2gp_params = next((e[3] for e in entries if e[0] == "d2gp"), None)
         rows, task_results = [], []
         for name, method, runs_of_method, params, trained_seconds, record, step, ms in entries:
-            K, K2 = iterations, 2 * iterations
-            pooled = {k: torch.cat([r.psnr[k] for r in runs_of_method]) for k in (K, K2)}
+            K = iterations
+            pooled = {k: torch.cat([r.psnr[k] for r in runs_of_method]) for k in horizons}
             ssim_pooled = torch.cat([r.ssim[K] for r in runs_of_method])
             seed_means = [float(r.psnr[K].mean()) for r in runs_of_method]
             spread = f"{mean_std(seed_means)[1]:.2f}" if len(seed_means) > 1 else "—"
             ratio = f"{params / d2gp_params:.3g}" if (d2gp_params and method.learned) else "—"
             minutes = f"{sum(trained_seconds) / len(trained_seconds) / 60:.1f}" if trained_seconds else "—"
             rows.append([method.label, "yes" if method.learned else "no", format_mean_std(pooled[K]),
-                         format_mean_std(ssim_pooled, 3), format_mean_std(pooled[K2]), spread,
+                         format_mean_std(ssim_pooled, 3), *(format_mean_std(pooled[k]) for k in horizons[1:]), spread,
                          params if method.learned else "—", ratio, minutes, f"{ms:.1f}"])
             task_results.append({"method": name, "label": method.label, "learned": method.learned, "parameters": params,
                                  "seeds": len(runs_of_method), "psnr_seed_means": seed_means,
                                  "psnr": {k: mean_std(v) for k, v in pooled.items()}, "ssim": mean_std(ssim_pooled),
                                  "psnr_per_iteration": [float(torch.stack([r.psnr[k].mean() for r in runs_of_method]).mean())
-                                                        for k in range(K2 + 1)],
+                                                        for k in range(horizons[-1] + 1)],
                                  "training_seconds": trained_seconds, "inference_ms_per_image": ms,
                                  "parameter_megabytes": 4 * params / 1e6,  # float32; Adam training holds 4×
                                  "step_size": step, "tuning_or_runs": record})
         task_out = out / task_name
         task_config = {"profile": profile, "train": train_settings, "seeds": list(seeds), "iterations": iterations,
                        "task": task.config.to_dict(), "test_images": len(test), "tune_images": len(val)}
-        write_results(task_out, header, rows, {"config": task_config, "methods": task_results})
+        write_results(task_out, header, rows, {"config": task_config, "methods": task_results}, device=device)
         first_runs = [e[2][0] for e in entries]
         examples_figure(test, first_runs, iterations, task_out / "examples.png", f"{task.name}: PnP-FISTA, K = {iterations}")
         psnr_curves({r["label"]: r["psnr_per_iteration"] for r in task_results}, task_out / "psnr_curves.png",
@@ -258,5 +273,5 @@ def benchmark(tasks: Sequence[str] = ("spc", "mri", "sr"), methods: Sequence[str
         if progress:
             tqdm.write(f"\n{task_name}:\n" + markdown_table(header, rows))
     write_results(out, ["task", *header], all_rows, {"tasks": {t: {k: v for k, v in r.items() if k != "table"}
-                                                              for t, r in results.items()}})
+                                                              for t, r in results.items()}}, device=device)
     return {"table": markdown_table(["task", *header], all_rows), "results": results, "out": str(out)}

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import math
 import os
 import sys
 import typing
@@ -24,6 +25,7 @@ from pathlib import Path
 import torch
 
 from d2gp.checkpoints import CheckpointError, check_output_path, lock_path, write_json
+from d2gp.device import precision
 from d2gp.reports import environment
 from d2gp.tasks import TASKS, TaskError, make_task
 
@@ -57,6 +59,17 @@ _positive = _int_at_least(1)
 _non_negative = _int_at_least(0)
 
 
+def _rho(text: str) -> float:
+    """An argparse ``type`` for the safeguard's ρ: a finite number ≥ 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (value >= 1 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a finite number ≥ 1, got {text}")
+    return value
+
+
 def _task_fields() -> dict[str, dataclasses.Field]:
     """Every task setting of every task, by name (a setting shared by tasks appears once)."""
     fields: dict[str, dataclasses.Field] = {}
@@ -86,7 +99,22 @@ def _task_overrides(args: argparse.Namespace) -> dict:
 
 
 def _task_from_args(args: argparse.Namespace):
-    return make_task(args.task, **_task_overrides(args))
+    return make_task(args.task, device=getattr(args, "device", "cpu"), **_task_overrides(args))
+
+
+def _add_device_argument(parser: argparse.ArgumentParser) -> None:
+    from d2gp.device import DEVICES
+
+    parser.add_argument("--device", default="auto", metavar="|".join(DEVICES),
+                        help="where to compute: auto (a CUDA GPU when PyTorch sees one, else the CPU), cpu, cuda or "
+                             "cuda:N (default auto)")
+
+
+def _add_safeguard_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--safeguard", type=_rho, default=None, metavar="RHO",
+                        help="also run each learned preconditioner with the solver's safeguard: a step whose residual "
+                             "‖x_{k+1} − x_k‖ exceeds RHO × the smallest so far is rejected and that image continues "
+                             "as plain PnP-FISTA (e.g. 2)")
 
 
 # Training settings that get a flag of their own (the others are set by the profile or the API).
@@ -110,6 +138,14 @@ _TRAIN_FLAGS = {
     "autocast": "bfloat16 autocast for the denoiser and the NPO",
     "seed": "random seed",
     "tensorboard": "also log to TensorBoard (needs the tensorboard package)",
+    "updates": "total optimizer updates (default: the profile's epochs × updates per epoch)",
+    "val_every": "validate (and checkpoint) every N updates (default once per epoch)",
+    "schedule": "learning-rate schedule: cosine (warm-up, then cosine decay), plateau or constant",
+    "warmup": "updates of linear learning-rate warm-up (cosine and constant schedules)",
+    "final_lr_ratio": "the cosine schedule ends at this fraction of the learning rate",
+    "grad_clip": "clip the gradient norm to this value (default: no clipping)",
+    "tail": "the imitation and supervised losses average over the last TAIL iterates x_{K-TAIL+1} … x_K",
+    "teacher_cache": "compute the teacher's targets once per training image instead of every update",
 }
 _NPO_FLAGS = {
     "width": (int, "NPO channels per block"),
@@ -204,12 +240,16 @@ def cmd_reconstruct(args: argparse.Namespace) -> None:
     out = check_output_path(args.out or f"results/reconstruct-{task.name}", folder=True)
     if (out / "checkpoint.pt").exists():  # its config.json would be replaced by this command's
         raise CheckpointError(f"--out {out} is a training run directory; write the reconstructions elsewhere")
-    methods = [("student", task.student, task.student_step_size, None)]
+    methods = [("student", task.student, task.student_step_size, None, None)]
     if args.preconditioner != "identity":  # files first, then data and compute
         from d2gp.training import load_npo
 
         npo, meta = load_npo(args.preconditioner, task)
-        methods.append((f"student + {meta['method']} NPO", task.student, task.student_step_size, npo))
+        label = f"student + {meta['method']} NPO"
+        methods.append((label, task.student, task.student_step_size, npo, None))
+        if args.safeguard is not None:
+            methods.append((f"{label}, safeguard ρ={args.safeguard:g}", task.student, task.student_step_size, npo,
+                            args.safeguard))
         if meta.get("task_config") != task.config.to_dict():
             print(f"note: the NPO was trained with other task settings ({meta.get('task_config')})")
     denoiser = task.denoiser()
@@ -217,21 +257,22 @@ def cmd_reconstruct(args: argparse.Namespace) -> None:
     out.mkdir(parents=True, exist_ok=True)
     print(f"{task!r}\n{len(images)} {args.split} images from {task.dataset!r}, K = {args.iterations}, "
           f"γ_student = {task.student_step_size:.4g}, γ_teacher = {task.teacher_step_size:.4g}")
-    methods.append(("teacher", task.teacher, task.teacher_step_size, None))
+    methods.append(("teacher", task.teacher, task.teacher_step_size, None, None))
+    precision("evaluation", task.device)
     runs = [evaluate_solver(label, physics, images, denoiser, step, args.iterations, preconditioner=preconditioner,
                             ssim_at=ks, noise_seed=args.noise_seed, batch_size=args.batch_size,
-                            keep_examples=args.examples)
-            for label, physics, step, preconditioner in methods]
+                            keep_examples=args.examples, safeguard=rho)
+            for label, physics, step, preconditioner, rho in methods]
 
     rows = [[run.label, k, format_mean_std(run.psnr[k]), format_mean_std(run.ssim[k], 3)] for run in runs for k in ks]
     header = ["method", "k", "PSNR (dB)", "SSIM"]
     print(markdown_table(header, rows))
     write_json({"config": task.config.to_dict(), "cli": {k: v for k, v in vars(args).items() if k != "func"},
-                "environment": environment()}, out / "config.json")
+                "environment": environment(task.device)}, out / "config.json")
     write_results(out, header, rows, {
         "task": task.name, "dataset": task.dataset, "split": args.split, "images": len(images),
         "step_size": {"student": task.student_step_size, "teacher": task.teacher_step_size},
-        "seconds": {run.label: run.seconds for run in runs}, "runs": [run.summary() for run in runs]})
+        "seconds": {run.label: run.seconds for run in runs}, "runs": [run.summary() for run in runs]}, device=task.device)
     examples_figure(images, runs, args.iterations, out / "examples.png", f"{task.name}: PnP-FISTA, K = {args.iterations}")
     psnr_curves({run.label: run.summary()["psnr_per_iteration"] for run in runs}, out / "psnr_curves.png",
                 title=f"{task.name}: PSNR over iterations")
@@ -239,22 +280,24 @@ def cmd_reconstruct(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    from d2gp.apps import announce_training
     from d2gp.training import train
 
     config = _train_config_from_args(args)
     config.validate()
     out = check_output_path(args.out or f"runs/{config.task}-{config.method}-seed{config.seed}", folder=True)
-    summary = train(config, out, resume=args.resume)
+    announce_training(config, out, resuming=args.resume and (out / "checkpoint.pt").exists())
+    summary = train(config, out, resume=args.resume, device=args.device)
     print(f"best validation PSNR {summary['best_val_psnr']:.2f} dB; wrote {out}/ (best.pt, last.pt, log.csv, config.json)")
     print(f"evaluate it with: d2gp evaluate {out}")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from d2gp.apps import evaluate_runs
+    from d2gp.apps import evaluate_runs, evaluation_dir
 
-    check_output_path(args.out or Path(args.runs[0]) / "evaluation", folder=True)
+    check_output_path(args.out or evaluation_dir(args.runs), folder=True)
     result = evaluate_runs(args.runs, split=args.split, limit=args.limit, iterations=args.iterations, out=args.out,
-                           batch_size=args.batch_size)
+                           batch_size=args.batch_size, device=args.device, safeguard=args.safeguard)
     print(result["table"])
     print(f"wrote {result['out']}/ (table.md, table.csv, results.json, examples.png, psnr_curves.png)")
 
@@ -263,7 +306,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from d2gp.apps import demo
 
     check_output_path(args.out, folder=True)
-    result = demo(args.out, task=args.task, profile=args.profile, seed=args.seed)
+    result = demo(args.out, task=args.task, profile=args.profile, seed=args.seed, device=args.device)
     print(result["table"])
     print(f"wrote {result['out']}/ (table.md, table.csv, results.json, examples.png, psnr_curves.png)")
 
@@ -274,7 +317,7 @@ def cmd_benchmark(args: argparse.Namespace) -> None:
     check_output_path(args.out, folder=True)
     check_output_path(args.runs, folder=True, what="--runs")
     result = benchmark(args.tasks, args.methods, profile=args.profile, seeds=args.seeds, out=args.out, runs=args.runs,
-                       iterations=args.iterations)
+                       iterations=args.iterations, device=args.device)
     print(result["table"])
     print(f"wrote {result['out']}/ (table.md, table.csv, results.json; per task: examples.png, psnr_curves.png)")
 
@@ -305,7 +348,8 @@ def cmd_train_denoiser(args: argparse.Namespace) -> None:
         train, val = task.images("train"), task.images("val")
         print(f"training a DnCNN ({args.depth} layers, {args.features} features) for {task.name} on "
               f"{len(train)} images of {task.dataset!r}, σ ∈ [{args.sigma_min}, {args.sigma_max}], {args.epochs} epochs")
-        model, history = train_denoiser(train, val, **settings, seed=args.seed, checkpoint_path=checkpoint)
+        model, history = train_denoiser(train, val, **settings, seed=args.seed, checkpoint_path=checkpoint,
+                                        device=args.device)
         training = {"task": task.config.to_dict(), "cli": {k: v for k, v in vars(args).items() if k != "func"},
                     "environment": environment(), "history": history}
         save_denoiser(model, out, training)
@@ -325,9 +369,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the main job: train D2GP and Supervised NPOs, evaluate, print the table")
     p.add_argument("--task", choices=list(TASKS), default="spc", help="task (default spc)")
-    p.add_argument("--profile", choices=["quick", "full"], default="quick", help="quick: ~14 min on 2 CPU cores")
+    p.add_argument("--profile", choices=["quick", "full"], default="quick", help="quick: the README's main job")
     p.add_argument("--seed", type=_non_negative, default=0)
-    p.add_argument("--out", default="runs/demo", help="output folder; finished runs in it are reused")
+    p.add_argument("--out", default="runs/demo",
+                   help="output folder (default runs/demo): the runs in OUT/d2gp and OUT/supervised (finished ones "
+                        "are reused), the evaluation in OUT/evaluation, as `d2gp evaluate` would write it")
+    _add_device_argument(p)
     p.set_defaults(func=cmd_demo)
 
     from d2gp.benchmark import BENCHMARK_PROFILES, METHODS
@@ -343,6 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", "-K", type=_positive, default=20, help="PnP-FISTA iterations K (evaluated to 2K)")
     p.add_argument("--out", default="results/benchmark", help="output folder")
     p.add_argument("--runs", default="runs/benchmark", help="training runs (RUNS/TASK/METHOD-seedS), reused when finished")
+    _add_device_argument(p)
     p.set_defaults(func=cmd_benchmark)
 
     p = sub.add_parser("train", help="train an NPO preconditioner (D2GP or Supervised)")
@@ -350,6 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_arguments(p)
     p.add_argument("--out", default=None, help="run directory (default runs/TASK-METHOD-seedSEED)")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    _add_device_argument(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="compare trained NPOs with the baseline and the teacher on the test split")
@@ -358,7 +407,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=["val", "test"])
     p.add_argument("--limit", type=_positive, default=None, help="use only the first N images")
     p.add_argument("--batch-size", type=_positive, default=64)
-    p.add_argument("--out", default=None, help="output folder (default RUN/evaluation)")
+    p.add_argument("--out", default=None,
+                   help="output folder (default: evaluation/ in the deepest folder holding all the RUNs: "
+                        "RUN/evaluation for one run, runs/evaluation for runs/a runs/b)")
+    _add_device_argument(p)
+    _add_safeguard_argument(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("tasks", help="list the tasks, their operators and default settings")
@@ -379,8 +432,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=_positive, default=None, help="use only the first N images")
     p.add_argument("--batch-size", type=_positive, default=64)
     p.add_argument("--noise-seed", type=int, default=0, help="seed of the measurement noise")
-    p.add_argument("--examples", type=_positive, default=6, help="images in the PNG grid")
+    p.add_argument("--examples", type=_positive, default=4, help="images in the PNG grid (default 4)")
     p.add_argument("--out", default=None, help="output folder (default results/reconstruct-TASK)")
+    _add_device_argument(p)
+    _add_safeguard_argument(p)
     p.set_defaults(func=cmd_reconstruct)
 
     p = sub.add_parser("train-denoiser", help="train the task's DnCNN denoiser (the PnP prior)")
@@ -396,6 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="weights file to write, never overwritten (then load it with "
                                                 "--denoiser PATH); its metadata goes to OUT with the suffix .json")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run with the same --out")
+    _add_device_argument(p)
     p.set_defaults(func=cmd_train_denoiser)
     return parser
 
@@ -407,16 +463,21 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     from d2gp.data import DataError
     from d2gp.denoisers import DenoiserError
+    from d2gp.device import DeviceError
     from d2gp.training import TrainingError
 
     def one_line(message, category, filename, lineno, file=None, line=None) -> None:
         print(f"d2gp {args.command}: warning: {message}", file=sys.stderr)
 
     try:
+        if getattr(args, "device", None) is not None:  # an unknown or absent device: refused before any work
+            from d2gp.device import resolve_device
+
+            resolve_device(args.device)
         with warnings.catch_warnings():
             warnings.showwarning = one_line
             args.func(args)
-    except (TaskError, DataError, CheckpointError, TrainingError, DenoiserError) as error:
+    except (TaskError, DataError, CheckpointError, TrainingError, DenoiserError, DeviceError) as error:
         print(f"d2gp {args.command}: error: {error}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # stdout closed early (`d2gp tasks | head`): stop quietly, like any Unix tool

@@ -195,12 +195,16 @@ def _augment(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 @torch.no_grad()
 def denoiser_psnr(model, images: torch.Tensor, sigma: float, seed: int = 0, batch_size: int = 128) -> float:
-    """Mean PSNR (peak 1) of ``model`` on ``images`` + N(0, σ²) noise with a fixed seed."""
+    """Mean PSNR (peak 1) of ``model`` on ``images`` + N(0, σ²) noise with a fixed seed (on the device of
+    ``model``'s weights; ``torch.nn.Identity()`` scores the noisy input itself)."""
     generator = torch.Generator().manual_seed(seed)
+    weight = next(iter(model.parameters()), None) if isinstance(model, torch.nn.Module) else None
+    device = weight.device if weight is not None else images.device
     total = 0.0
     for start in range(0, len(images), batch_size):
         clean = images[start:start + batch_size]
-        noisy = clean + sigma * torch.randn(clean.shape, generator=generator)
+        noisy = (clean + sigma * torch.randn(clean.shape, generator=generator)).to(device)
+        clean = clean.to(device)
         mse = (model(noisy) - clean).flatten(1).pow(2).mean(1).clamp_min(1e-12)
         total += float((-10 * torch.log10(mse)).sum())
     return total / len(images)
@@ -245,6 +249,7 @@ def train_denoiser(
     seed: int = 0,
     checkpoint_path: str | os.PathLike | None = None,
     progress: bool = True,
+    device: str | torch.device | None = "cpu",
 ) -> tuple[DnCNN, dict[str, Any]]:
     r"""Train a blind DnCNN on ``train_images`` + N(0, σ²), σ ~ U[σ_min, σ_max] per image.
 
@@ -256,16 +261,21 @@ def train_denoiser(
     again with the same path resumes where it stopped (same result as an uninterrupted run); it
     refuses to resume with other settings or images than those the checkpoint was made with.
 
-    :return: the trained model (eval mode) and a history dict (per-epoch loss, validation PSNR
-        at σ = 0.05 and the final validation PSNR per σ).
+    :param device: where to train (``"auto"``: a CUDA GPU when there is one); the noise is drawn
+        on the CPU, so a seed gives the same training data on every device.
+    :return: the trained model (eval mode, on the CPU) and a history dict (per-epoch loss,
+        validation PSNR at σ = 0.05 and the final validation PSNR per σ).
     :raises DenoiserError: bad settings (:func:`check_training_settings`), no images, a loss or
         validation PSNR that became NaN/Inf (training stops; the last epoch's checkpoint stays), or
         a model that ends below its untrained validation PSNR (diverged while finite). A model
         that ends below the noisy input's PSNR (it does not denoise yet) only warns.
     :raises ~d2gp.checkpoints.CheckpointError: the checkpoint was made with other settings or images.
     """
+    from d2gp.device import prepare, resolve_device
+
     check_training_settings(depth=depth, features=features, sigma_min=sigma_min, sigma_max=sigma_max, epochs=epochs,
                             batch_size=batch_size, lr=lr)
+    device = resolve_device(device)
     if len(train_images) == 0 or len(val_images) == 0:
         raise DenoiserError("train_denoiser needs non-empty training and validation images")
     settings = dict(depth=depth, features=features, sigma_min=sigma_min, sigma_max=sigma_max, epochs=epochs,
@@ -273,7 +283,7 @@ def train_denoiser(
                     val_images=_fingerprint(val_images))
     seed_everything(seed)
     channels = train_images.shape[1]
-    model = build_dncnn(channels, depth, features)
+    model = prepare(build_dncnn(channels, depth, features), device)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     steps_per_epoch = math.ceil(len(train_images) / batch_size)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch, eta_min=lr / 50)
@@ -295,7 +305,8 @@ def train_denoiser(
         for step in bar:
             clean = _augment(train_images[order[step * batch_size:(step + 1) * batch_size]], generator)
             sigma = sigma_min + (sigma_max - sigma_min) * torch.rand((len(clean), 1, 1, 1), generator=generator)
-            noisy = clean + sigma * torch.randn(clean.shape, generator=generator)
+            noisy = (clean + sigma * torch.randn(clean.shape, generator=generator)).to(device)
+            clean = clean.to(device)
             loss = (model(noisy) - clean).pow(2).mean()
             if not torch.isfinite(loss):
                 raise DenoiserError(f"the loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; training "
@@ -324,7 +335,7 @@ def train_denoiser(
     history["val_psnr"] = {f"{s:g}": denoiser_psnr(model, val_images, s) for s in (0.01, 0.05, 0.1, 0.2)}
     _check_outcome(history["val_psnr"]["0.05"], history.get("val_psnr_0.05_untrained", -math.inf),
                    denoiser_psnr(torch.nn.Identity(), val_images, 0.05))
-    return model, history
+    return model.cpu(), history
 
 
 def _check_outcome(trained: float, untrained: float, noisy: float) -> None:

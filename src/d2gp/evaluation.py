@@ -15,6 +15,7 @@ import torch
 from deepinv.loss.metric import PSNR, SSIM
 from tqdm.auto import tqdm
 
+from d2gp.device import module_device
 from d2gp.solver import pnp_fista
 from d2gp.tasks.base import measure
 
@@ -63,6 +64,8 @@ class SolverRun:
     psnr: dict[int, torch.Tensor] = field(default_factory=dict)
     ssim: dict[int, torch.Tensor] = field(default_factory=dict)
     fidelity: list[float] = field(default_factory=list)  # mean f(z_k), k = 0 … K−1
+    #: with a safeguard: the fraction of images still using the preconditioner after k iterations
+    active: dict[int, float] = field(default_factory=dict)
     examples: Optional[torch.Tensor] = None  # reconstructions at ``examples_at`` of the images ``example_indices``
     examples_at: Optional[int] = None
     example_indices: list[int] = field(default_factory=list)
@@ -77,6 +80,7 @@ class SolverRun:
             "ssim": {k: mean_std(v) for k, v in self.ssim.items()},
             "psnr_per_iteration": [mean_std(self.psnr[k])[0] for k in sorted(self.psnr)],
             "fidelity_per_iteration": self.fidelity,
+            **({"still_preconditioned": self.active} if self.active else {}),
         }
 
 
@@ -96,40 +100,50 @@ def evaluate_solver(
     keep_examples: int = 0,
     examples_at: int | None = None,
     progress: bool = True,
+    safeguard: float | None = None,
 ) -> SolverRun:
     """Measure ``images`` with ``physics`` (noise seeded per image), run PnP-FISTA, score every iteration.
 
     PSNR is recorded after every iteration k = 0 (the initial estimate γAᵀy) … K; SSIM at the
     iterations listed in ``ssim_at``. ``keep_examples`` reconstructions are kept at iteration
-    ``examples_at`` (default K).
+    ``examples_at`` (default K). ``safeguard`` is the solver's ρ (:func:`~d2gp.solver.pnp_fista`);
+    then ``run.active[k]`` is the fraction of images still preconditioned after k iterations.
     """
     began = time.perf_counter()
     run = SolverRun(label, iterations)
     psnr_k: list[list[torch.Tensor]] = [[] for _ in range(iterations + 1)]
     ssim_k: dict[int, list[torch.Tensor]] = {k: [] for k in ssim_at if 0 <= k <= iterations}
     fidelity_sum = torch.zeros(iterations, dtype=torch.float64)
+    active_sum = torch.zeros(iterations, dtype=torch.float64)
     run.example_indices = spread_indices(len(images), keep_examples)
     run.examples_at = iterations if examples_at is None else examples_at
     if not 0 <= run.examples_at <= iterations:
         raise ValueError(f"examples_at must be in [0, {iterations}], got {examples_at}")
     kept: list[torch.Tensor] = []
     batches = range(0, len(images), batch_size)
+    device = module_device(physics)
     for start in tqdm(batches, desc=label, disable=not progress, leave=False):
-        x_true = images[start:start + batch_size]
+        x_true = images[start:start + batch_size].to(device)
         y = measure(physics, x_true, seed=noise_seed, offset=start)
         x0 = step_size * physics.A_adjoint(y)
-        _, trace = pnp_fista(physics, y, denoiser, step_size, iterations, preconditioner, x0=x0, trace=True)
+        _, trace = pnp_fista(physics, y, denoiser, step_size, iterations, preconditioner, x0=x0, trace=True,
+                             safeguard=safeguard)
+        for k, active in enumerate(trace.active):
+            active_sum[k] += float(active.sum())
         estimates = [x0, *trace.x]
         for k, estimate in enumerate(estimates):
-            psnr_k[k].append(psnr(estimate, x_true))
+            psnr_k[k].append(psnr(estimate, x_true).cpu())
             if k in ssim_k:
-                ssim_k[k].append(ssim(estimate, x_true))
+                ssim_k[k].append(ssim(estimate, x_true).cpu())
         for k, f in enumerate(trace.fidelity):
-            fidelity_sum[k] += f.double().sum()
-        kept += [estimates[run.examples_at][i - start] for i in run.example_indices if start <= i < start + len(x_true)]
+            fidelity_sum[k] += f.double().sum().cpu()
+        kept += [estimates[run.examples_at][i - start].cpu() for i in run.example_indices
+                 if start <= i < start + len(x_true)]
     run.psnr = {k: torch.cat(v) for k, v in enumerate(psnr_k)}
     run.ssim = {k: torch.cat(v) for k, v in ssim_k.items()}
     run.fidelity = (fidelity_sum / len(images)).tolist()
+    if safeguard is not None and preconditioner is not None:
+        run.active = {k + 1: float(v) / len(images) for k, v in enumerate(active_sum)}
     run.examples = torch.stack(kept) if kept else None
     run.seconds = time.perf_counter() - began
     return run

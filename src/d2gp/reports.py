@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 from d2gp.checkpoints import atomic_write_text, write_json
 
-__all__ = ["markdown_table", "write_table", "write_results", "environment"]
+__all__ = ["markdown_table", "write_table", "write_results", "environment", "cpu_model"]
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -34,7 +34,8 @@ def write_table(header: Sequence[str], rows: Sequence[Sequence[Any]], stem: str 
     atomic_write_text(buffer.getvalue(), stem.with_suffix(".csv"))
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -44,28 +45,34 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def environment() -> dict:
-    """What produced a result: command line, date, machine, thread count and library versions."""
+def environment(device=None) -> dict:
+    """What produced a result: command line, date, machine, thread count, library versions and, when
+    given, the ``device`` it computed on (in words: the GPU's name or the CPU's)."""
     import deepinv
     import torch
+
+    from d2gp.device import describe_device
 
     program = Path(sys.argv[0]).name
     program = "d2gp" if program in ("d2gp", "__main__.py") else f"python {sys.argv[0]}"
     return {
         "command": " ".join([program, *sys.argv[1:]]),
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "machine": f"{_cpu_model()}, {os.cpu_count()} CPUs, {platform.system()} {platform.machine()}",
+        "machine": f"{cpu_model()}, {os.cpu_count()} CPUs, {platform.system()} {platform.machine()}",
         "cpu_threads": torch.get_num_threads(),
         "python": platform.python_version(),
         "torch": str(torch.__version__),
         "deepinv": str(deepinv.__version__),
+        **({"device": describe_device(device)} if device is not None else {}),
     }
 
 
-def write_results(out: str | os.PathLike, header: Sequence[str], rows: Sequence[Sequence[Any]], results: dict) -> Path:
-    """Print nothing; write ``out/table.md``, ``out/table.csv`` and ``out/results.json`` (with :func:`environment`)."""
+def write_results(out: str | os.PathLike, header: Sequence[str], rows: Sequence[Sequence[Any]], results: dict,
+                  device=None) -> Path:
+    """Print nothing; write ``out/table.md``, ``out/table.csv`` and ``out/results.json`` (with
+    :func:`environment`, recording ``device`` when given)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     write_table(header, rows, out / "table")
-    write_json({"environment": environment(), **results}, out / "results.json")
+    write_json({"environment": environment(device), **results}, out / "results.json")
     return out

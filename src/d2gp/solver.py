@@ -22,7 +22,8 @@ for inference, with autograd through all K iterations for training. Options:
   backward pass: memory O(1) in K instead of O(K) activations, same gradients);
 * ``autocast=True``: the denoiser and the preconditioner run under bfloat16 autocast (on the
   tensors' device); the FISTA arithmetic and the operators stay in float32;
-* ``grad_from=j``: truncated backpropagation, autograd only through iterations k ≥ j.
+* ``grad_from=j``: truncated backpropagation, autograd only through iterations k ≥ j;
+* ``safeguard=ρ``: a per-image fallback to plain PnP-FISTA (:func:`pnp_fista`'s docstring).
 
 References:
     Beck & Teboulle, "A fast iterative shrinkage-thresholding algorithm", SIAM J. Imaging Sci. 2009.
@@ -68,6 +69,8 @@ class Trace:
     grad: list[torch.Tensor] = field(default_factory=list)
     preconditioned: list[torch.Tensor] = field(default_factory=list)
     fidelity: list[torch.Tensor] = field(default_factory=list)
+    #: with a safeguard: per iteration, which images still use the preconditioner (bool, (B,)).
+    active: list[torch.Tensor] = field(default_factory=list)
 
 
 def _autocast(enabled: bool, device_type: str):
@@ -89,8 +92,20 @@ def pnp_fista(
     checkpoint: bool = False,
     autocast: bool = False,
     grad_from: int = 0,
+    safeguard: Optional[float] = None,
+    safeguard_from: int = 3,
 ):
     r"""Run K iterations of preconditioned PnP-FISTA from :math:`x_0 = γ A^\top y`.
+
+    **Safeguard** (``safeguard=ρ``, for learned preconditioners at inference). Per image, the
+    step residual :math:`r_k = \|x_{k+1} − x_k\|` of a preconditioned step is compared with the
+    smallest residual so far, :math:`r^\ast`. From iteration ``safeguard_from`` on, a step with
+    :math:`r_k > ρ\,r^\ast` is rejected (:math:`x_{k+1} = x_k`), the momentum of that image is
+    restarted (:math:`t = 1`, :math:`z = x`) and every later iteration of that image is plain
+    PnP-FISTA (P = I, same γ). Guarantee: an image's iterates are those of the preconditioned
+    method while its step residuals stay within ρ of their best, and those of plain PnP-FISTA
+    started from its last accepted iterate afterwards — so past the first rejected step the run
+    is exactly as stable as the baseline with step γ. The check costs two norms per iteration.
 
     :param physics: the linear operator (``A``, ``A_adjoint``), e.g. a ``deepinv.physics.LinearPhysics``.
     :param y: measurements.
@@ -104,6 +119,9 @@ def pnp_fista(
     :param autocast: run the denoiser and the preconditioner under bfloat16 autocast.
     :param grad_from: truncated backpropagation: iterations ``k < grad_from`` run without
         autograd, so gradients flow only through the last ``K − grad_from`` iterations.
+    :param safeguard: ρ ≥ 1 of the safeguard above (``None``: off).
+    :param safeguard_from: the first iteration at which a step may be rejected (the first
+        steps of FISTA do not shrink monotonically).
     :return: ``x_K``, or ``(x_K, trace)`` with ``trace=True``.
 
     :Example:
@@ -121,16 +139,21 @@ def pnp_fista(
         raise ValueError(f"iterations must be ≥ 0, got {iterations}")
     if not (step_size > 0 and math.isfinite(step_size)):
         raise ValueError(f"step_size must be a finite number > 0, got {step_size}")
+    if safeguard is not None and not (safeguard >= 1 and math.isfinite(safeguard)):
+        raise ValueError(f"safeguard ρ must be a finite number ≥ 1, got {safeguard}")
     P = preconditioner or identity_preconditioner
     uses_iterate = bool(getattr(P, "uses_iterate", False))
     device_type = y.device.type
     gamma = float(step_size)
+    guarded = safeguard is not None and preconditioner is not None
 
-    def step(z: torch.Tensor, k: int):
+    def step(z: torch.Tensor, k: int, active: Optional[torch.Tensor] = None):
         residual = physics.A(z) - y
         grad = physics.A_adjoint(residual)
         with _autocast(autocast, device_type):
             pgrad = P(grad, k, iterate=z) if uses_iterate else P(grad, k)
+            if active is not None:  # images that fell back take the plain gradient
+                pgrad = torch.where(_per_image(active, grad), pgrad.to(grad.dtype), grad)
             x_new = denoiser(z - gamma * pgrad.float())
         f = 0.5 * residual.flatten(1).pow(2).sum(1)
         return x_new.float(), grad, pgrad.float(), f
@@ -139,19 +162,43 @@ def pnp_fista(
     z, t = x, 1.0
     record = Trace() if trace else None
     grad_enabled = torch.is_grad_enabled()
+    if guarded:
+        active = torch.ones(len(y), dtype=torch.bool, device=y.device)
+        best = torch.full((len(y),), math.inf, device=y.device)
+        t = torch.ones(len(y), device=y.device)
     for k in range(iterations):
         with torch.set_grad_enabled(grad_enabled and k >= grad_from):
-            if checkpoint and torch.is_grad_enabled():
+            if guarded:
+                x_new, grad, pgrad, f = step(z, k, active)
+            elif checkpoint and torch.is_grad_enabled():
                 x_new, grad, pgrad, f = torch_checkpoint(step, z, k, use_reentrant=False)
             else:
                 x_new, grad, pgrad, f = step(z, k)
-        t_new = (1.0 + math.sqrt(1.0 + 4.0 * t * t)) / 2.0
-        z_new = x_new + ((t - 1.0) / t_new) * (x_new - x)
+        if guarded:
+            r = (x_new - x).flatten(1).norm(dim=1)
+            rejected = active & (r > safeguard * best) if k >= safeguard_from else torch.zeros_like(active)
+            best = torch.where(active & ~rejected, torch.minimum(best, r), best)
+            active = active & ~rejected
+            x_new = torch.where(_per_image(rejected, x), x, x_new)  # a rejected step is not taken…
+            t_new = (1.0 + torch.sqrt(1.0 + 4.0 * t * t)) / 2.0
+            momentum = _per_image(torch.where(rejected, torch.zeros_like(t), (t - 1.0) / t_new), x)
+            t_new = torch.where(rejected, torch.ones_like(t), t_new)  # …and FISTA restarts from x_k
+            z_new = x_new + momentum * (x_new - x)
+        else:
+            t_new = (1.0 + math.sqrt(1.0 + 4.0 * t * t)) / 2.0
+            z_new = x_new + ((t - 1.0) / t_new) * (x_new - x)
         if record is not None:
             record.x.append(x_new)
             record.z.append(z)
             record.grad.append(grad)
             record.preconditioned.append(pgrad)
             record.fidelity.append(f)
+            if guarded:
+                record.active.append(active.clone())
         x, z, t = x_new, z_new, t_new
     return (x, record) if trace else x
+
+
+def _per_image(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A per-image vector (B,) shaped to broadcast over ``like`` (B, …)."""
+    return values.view(-1, *([1] * (like.dim() - 1)))

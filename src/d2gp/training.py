@@ -1,13 +1,27 @@
 r"""Bilevel training of the NPO (Algorithm 2 of D2GP): run directories, checkpoints, resume.
 
-One training step on a batch x:
+One training update on a batch x:
 
-1. measure it with both operators, y_s = A_s x + e, y_t = A_t x + e;
-2. run the teacher's plain PnP-FISTA (no autograd: the teacher has no parameters);
+1. measure it with the student, y_s = A_s x + e (fresh noise every update);
+2. the teacher's targets: its measurements y_t and its output x_K^t. They have no parameters,
+   so by default (``teacher_cache``) they are computed once per training image, with one
+   fixed noise draw per image, before the first update (:class:`TeacherTargets`), instead of
+   re-running the teacher's K iterations in every update;
 3. run the student's PnP-FISTA preconditioned by P_θ with autograd through the K iterations
    (``unroll``: ``full`` backpropagation, ``checkpoint`` — the same gradients with per-iteration
    recomputation, less memory — or ``truncated``: only the last ``truncate`` iterations);
-4. L = λ_g L_g + λ_i L_i + λ_s L_s (:mod:`d2gp.losses`), one Adam/AdamW step.
+4. L = λ_g L_g + λ_i L_i + λ_s L_s (:mod:`d2gp.losses`); the imitation and supervised terms
+   average over the last ``tail`` iterates x_{K−tail+1} … x_K (``tail = 1``: x_K only, the
+   paper's loss; a longer tail rewards every late iterate, which keeps the iteration stable past
+   K), each compared with the ground truth and with the teacher's x_K^t;
+5. one Adam/AdamW step, after clipping the gradient norm to ``grad_clip``.
+
+The budget is counted in updates (``updates``, else ``epochs`` passes over the data). The
+learning rate follows ``schedule``: ``cosine`` (linear warm-up over ``warmup`` updates, then a
+cosine decay to ``final_lr_ratio``·lr), ``plateau`` (ReduceLROnPlateau on the validation PSNR)
+or ``constant``. The validation PSNR at K is measured every ``val_every`` updates (default: once
+per epoch) and at the ``val_points``; the preconditioner with the best one is kept as
+``best.pt``, so a long run never ends worse than it was at its best validation point.
 
 ``method="supervised"`` trains the same NPO with L_s alone (no teacher); ``method="objective"``
 with the objective-decrease loss of Ehrhardt et al. (:func:`~d2gp.preconditioners.objective_loss`).
@@ -15,13 +29,13 @@ with the objective-decrease loss of Ehrhardt et al. (:func:`~d2gp.preconditioner
 preconditioners (``"scalar"``, ``"pointwise"``, ``"convolutional"``, ``"full"``), with any method.
 
 A run directory holds ``config.json`` (everything needed to reproduce it, with the command,
-machine and date), ``checkpoint.pt`` (the full training state, written atomically after every
-epoch), ``best.pt`` (the NPO with the best validation PSNR), ``log.csv`` and, optionally,
-TensorBoard events. ``resume=True`` continues a killed run from its last epoch and gives the
-same weights as an uninterrupted run. A NaN/Inf loss stops training with a
-:class:`TrainingError`; the last good checkpoint stays intact. So does a run that diverged while
-staying finite (:func:`check_not_diverged`). A run directory is locked while it trains
-(:func:`~d2gp.checkpoints.locked_run_dir`): a second process refuses to write into it.
+machine, device and date), ``checkpoint.pt`` (the full training state, written atomically at
+every validation point), ``best.pt``, ``last.pt``, ``log.csv`` (one row per validation point)
+and ``summary.json``. ``resume=True`` continues a killed run from its last validation point and
+gives the same weights as an uninterrupted run on the same device. A NaN/Inf loss stops
+training with a :class:`TrainingError`; the last good checkpoint stays intact. So does a run that
+diverged while staying finite (:func:`check_not_diverged`). A run directory is locked while it
+trains (:func:`~d2gp.checkpoints.locked_run_dir`): a second process refuses to write into it.
 """
 
 from __future__ import annotations
@@ -41,25 +55,29 @@ import torch
 from tqdm.auto import tqdm
 
 from d2gp.checkpoints import (
-    CheckpointError, atomic_save, atomic_write_text, load_checkpoint, locked_run_dir, read_json, require_entries,
-    restore_training_state, save_training_state, seed_everything, write_json,
+    atomic_write_text, load_checkpoint, locked_run_dir, read_json, require_entries, restore_training_state,
+    save_training_state, seed_everything, write_json,
 )
+from d2gp.device import precision, prepare, resolve_device
 from d2gp.evaluation import evaluate_solver
 from d2gp.losses import TEACHER_GRADIENT_AT, LossWeights, gradient_loss, imitation_loss, supervised_loss
 from d2gp.preconditioners import NPO
+from d2gp.preconditioners.files import NPO_FORMAT, load_npo, save_npo, shipped_npo_path
 from d2gp.preconditioners.learned_linear import LINEAR_PRECONDITIONERS, build_linear, objective_loss
 from d2gp.reports import environment
 from d2gp.solver import pnp_fista
 from d2gp.tasks import Task, make_task
+from d2gp.tasks.base import measure
 
-__all__ = ["TrainConfig", "TrainingError", "train", "saved_train_config", "load_npo", "save_npo", "shipped_npo_path", "build_preconditioner",
-           "check_not_diverged", "DIVERGED_DB", "NPO_FORMAT", "METHODS", "PRECONDITIONERS", "UNROLL_MODES", "DEFAULT_LR"]
+__all__ = ["TrainConfig", "TrainingError", "train", "saved_train_config", "load_npo", "save_npo", "shipped_npo_path",
+           "build_preconditioner", "TeacherTargets", "NPO_FORMAT", "METHODS", "PRECONDITIONERS", "UNROLL_MODES",
+           "SCHEDULES", "DEFAULT_LR", "check_not_diverged", "DIVERGED_DB"]
 
-NPO_FORMAT = "d2gp-npo"
 _STATE_FORMAT = "d2gp-npo-training"
 METHODS = ("d2gp", "supervised", "objective")
 PRECONDITIONERS = ("npo", *LINEAR_PRECONDITIONERS)
 UNROLL_MODES = ("full", "checkpoint", "truncated")
+SCHEDULES = ("cosine", "plateau", "constant")
 
 #: Default learning rate of each preconditioner (``TrainConfig.lr = None``), chosen on the validation
 #: split by ``benchmarks/linear_lr.py`` (SPC, MRI, and SR for ``full``). Adam moves every parameter by
@@ -67,6 +85,9 @@ UNROLL_MODES = ("full", "checkpoint", "truncated")
 #: short budget, while a dense n×n matrix's operator norm can move by about n·lr per step — 1e-3 is
 #: best for it on 32×32 SPC (n = 1024) but diverges on 64×64 MRI (n = 4096), where 1e-5 is best.
 DEFAULT_LR = {"npo": 1e-3, "scalar": 3e-2, "pointwise": 3e-2, "convolutional": 1e-3, "full": 1e-5}
+
+#: Base of the per-image seeds of the teacher's fixed noise draws (far from the evaluation seeds).
+TEACHER_NOISE_SEED = 1 << 30
 
 
 class TrainingError(RuntimeError):
@@ -122,6 +143,17 @@ class TrainConfig:
     plateau_factor: float = 0.5
     seed: int = 0
     tensorboard: bool = False
+    # The budget and its schedule.
+    updates: int | None = None  # None: epochs × updates per epoch
+    val_every: int | None = None  # None: once per epoch
+    val_points: list[int] = field(default_factory=list)  # extra validation points (learning curves)
+    schedule: str = "plateau"
+    warmup: int = 0
+    final_lr_ratio: float = 0.01
+    grad_clip: float | None = None
+    # What the loss looks at.
+    tail: int = 1
+    teacher_cache: bool = True
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -134,11 +166,32 @@ class TrainConfig:
             raise TrainingError(f"teacher_gradient must be one of {', '.join(TEACHER_GRADIENT_AT)}")
         if self.optimizer not in ("adam", "adamw"):
             raise TrainingError(f"optimizer must be 'adam' or 'adamw', got {self.optimizer!r}")
+        if self.schedule not in SCHEDULES:
+            raise TrainingError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
         for name in ("iterations", "epochs", "batch_size", "val_images"):
             if getattr(self, name) < 1:
                 raise TrainingError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        for name in ("updates", "val_every"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise TrainingError(f"{name} must be ≥ 1 (or unset), got {value}")
+        if any(p < 1 for p in self.val_points):
+            raise TrainingError(f"val_points must be update counts ≥ 1, got {self.val_points}")
+        if self.warmup < 0:
+            raise TrainingError(f"warmup must be ≥ 0 updates, got {self.warmup}")
+        if self.warmup and self.schedule == "plateau":
+            raise TrainingError("warmup needs a per-update schedule: set schedule to cosine or constant")
+        if not 0 <= self.final_lr_ratio <= 1:
+            raise TrainingError(f"final_lr_ratio must be in [0, 1], got {self.final_lr_ratio}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise TrainingError(f"grad_clip must be > 0 (or unset), got {self.grad_clip}")
+        if not 1 <= self.tail <= self.iterations:
+            raise TrainingError(f"tail must be in [1, iterations = {self.iterations}], got {self.tail}")
         if self.unroll == "truncated" and not 1 <= self.truncate <= self.iterations:
             raise TrainingError(f"truncate must be in [1, iterations], got {self.truncate}")
+        if self.unroll == "truncated" and self.tail > self.truncate:
+            raise TrainingError(f"tail ({self.tail}) must not exceed truncate ({self.truncate}): the loss would "
+                                f"look at iterates that no gradient reaches")
         if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
             raise TrainingError(f"lr must be a finite number > 0, got {self.lr}")
         if self.train_images is not None and not (isinstance(self.train_images, int) and self.train_images >= 1):
@@ -158,6 +211,11 @@ class TrainConfig:
         if self.method in ("supervised", "objective"):
             return LossWeights(gradient=0.0, imitation=0.0, supervised=self.lambda_supervised or 1.0)
         return LossWeights(self.lambda_gradient, self.lambda_imitation, self.lambda_supervised)
+
+    @property
+    def learning_rate(self) -> float:
+        """``lr``, or the preconditioner's default (:data:`DEFAULT_LR`)."""
+        return self.lr if self.lr is not None else DEFAULT_LR[self.preconditioner]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -179,100 +237,82 @@ class TrainConfig:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
-# --- NPO weights files --------------------------------------------------------------------------
 def build_preconditioner(config: TrainConfig, task: Task) -> torch.nn.Module:
-    """The untrained preconditioner of ``config`` for ``task``'s images (identity at init)."""
+    """The untrained preconditioner of ``config`` for ``task``'s images (identity at init), on the task's device.
+
+    An NPO gets ``max_iteration = K − 1`` unless ``config.npo`` sets it: past the K it was
+    trained for, it repeats its last operator (the learned linear ones do the same).
+    """
     channels = task.image_shape[0]
     if config.preconditioner == "npo":
-        return NPO(**{"channels": channels, **config.npo})
+        try:
+            npo = NPO(**{"channels": channels, "max_iteration": config.iterations - 1, **config.npo})
+        except (TypeError, ValueError) as error:
+            raise TrainingError(f"NPO settings {config.npo}: {error}") from None
+        return prepare(npo, task.device) if npo.channels_last else npo.to(task.device)
     try:
-        return build_linear(config.preconditioner, channels, tuple(task.image_shape[1:]), config.iterations,
-                            **config.linear)
+        linear = build_linear(config.preconditioner, channels, tuple(task.image_shape[1:]), config.iterations,
+                              **config.linear)
     except ValueError as error:
         raise TrainingError(str(error)) from None
+    return linear.to(task.device)
 
 
-def _rebuild(kind: str, architecture: dict) -> torch.nn.Module:
-    return NPO(**architecture) if kind == "npo" else build_linear(kind, **architecture)
+# --- the teacher's targets ------------------------------------------------------------------------
+class TeacherTargets:
+    r"""The teacher's measurements :math:`y_t = A_t x + e` and output :math:`x_K^t` for every training
+    image, computed once (no autograd) with one fixed noise draw per image (seed
+    ``TEACHER_NOISE_SEED + 100000·seed + i`` for image i).
 
-
-def save_npo(npo: torch.nn.Module, path: str | os.PathLike, task: Task, config: TrainConfig,
-             extra: dict | None = None) -> None:
-    """Save a trained preconditioner (an NPO or a learned linear one: ``kind``) with its metadata."""
-    atomic_save({
-        "format": NPO_FORMAT, "task": task.name, "task_config": task.config.to_dict(),
-        "kind": getattr(npo, "kind", "npo"), "npo": dict(npo.config),
-        "state_dict": {k: v.detach().clone() for k, v in npo.state_dict().items()},
-        "method": config.method, "iterations": config.iterations, "train_config": config.to_dict(), **(extra or {}),
-    }, path)
-
-
-def shipped_npo_path(task: str, method: str = "d2gp") -> Path:
-    """Where the NPO trained with ``method`` for the default ``task`` lies inside the package."""
-    from importlib import resources
-
-    return Path(str(resources.files("d2gp") / "weights" / f"npo_{task}_{method}.pt"))
-
-
-def load_npo(source: str | os.PathLike, task: Task | None = None) -> tuple[NPO, dict]:
-    """Load an NPO; with ``task``, refuse one trained for another task or image channels.
-
-    :param source: a weights file, a training run directory (its ``best.pt``), or — with
-        ``task`` — a method name (``"d2gp"``, ``"supervised"``) for the weights shipped for it.
-    :return: the NPO (eval mode) and the file's metadata (method, iterations, task_config, …).
+    The teacher has no parameters, so re-running its K iterations in every update (as the paper's
+    Algorithm 2 does) only redraws its noise; this saves a third of an update's time.
+    ``targets[idx]`` gives ``(y_t, x_K^t)`` for the images ``idx``.
     """
-    path = Path(source)
-    if str(source) in METHODS and task is not None and not path.exists():
-        path = shipped_npo_path(task.name, str(source))
-        if not path.is_file():
-            raise CheckpointError(f"no {source} NPO is shipped for task {task.name!r}; train one with "
-                                  f"`d2gp train --task {task.name} --method {source}`")
-    elif path.is_dir():
-        path = path / "best.pt"
-    data = load_checkpoint(path, NPO_FORMAT, what="NPO weights file")
-    require_entries(data, {"task": str, "npo": dict, "state_dict": dict, "method": str}, path, "NPO weights file")
-    if task is not None:
-        if data["task"] != task.name:
-            raise CheckpointError(f"NPO weights {path} were trained for task {data['task']!r}, not {task.name!r}")
-        channels = data["npo"].get("channels", 1)
-        if channels != task.image_shape[0]:
-            raise CheckpointError(f"NPO weights {path} work on {channels}-channel images, the task has {task.image_shape[0]}")
-    kind = data.get("kind", "npo")
-    try:
-        npo = _rebuild(kind, data["npo"])
-        npo.load_state_dict(data["state_dict"])
-    except (TypeError, ValueError, RuntimeError) as error:
-        raise CheckpointError(f"weights {path} do not fit the {kind} architecture {data['npo']}: {str(error)[:200]}") from None
-    meta = {**{k: v for k, v in data.items() if k != "state_dict"}, "kind": kind}  # files before "kind": NPOs
-    return npo.eval(), meta
+
+    def __init__(self, task: Task, denoiser, images: torch.Tensor, iterations: int, seed: int = 0,
+                 batch_size: int = 64, progress: bool = False):
+        ys, xs = [], []
+        base = TEACHER_NOISE_SEED + 100_000 * seed
+        with torch.no_grad():
+            for start in tqdm(range(0, len(images), batch_size), desc="teacher targets", disable=not progress,
+                              leave=False):
+                x = images[start:start + batch_size]
+                y = measure(task.teacher, x, seed=base, offset=start)
+                ys.append(y)
+                xs.append(pnp_fista(task.teacher, y, denoiser, task.teacher_step_size, iterations))
+        self.y, self.x = torch.cat(ys), torch.cat(xs)
+
+    def __getitem__(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.y[index], self.x[index]
 
 
-# --- the training loop --------------------------------------------------------------------------
-def _build_optimizer(config: TrainConfig, npo: torch.nn.Module):
-    cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
-    lr = config.lr if config.lr is not None else DEFAULT_LR[config.preconditioner]
-    return cls(npo.parameters(), lr=lr, weight_decay=config.weight_decay)
+def _loss(config: TrainConfig, task: Task, npo, denoiser, x: torch.Tensor, seed: int,
+          teacher: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict]:
+    """The training loss on one batch and its terms (floats, for the log).
 
-
-def _loss(config: TrainConfig, task: Task, npo: NPO, denoiser, x: torch.Tensor, seed: int) -> tuple[torch.Tensor, dict]:
-    """The training loss on one batch and its terms (floats, for the log)."""
+    :param teacher: the cached ``(y_t, x_K^t)`` of the batch (:class:`TeacherTargets`); ``None``:
+        measure with the teacher (noise seeded by ``seed``) and run it now.
+    """
     weights, K = config.weights, config.iterations
-    y_s, y_t = task.measure(x, seed=seed)
+    y_s = measure(task.student, x, seed=seed)
     gamma_s, gamma_t = task.student_step_size, task.teacher_step_size
     grad_from = K - config.truncate if config.unroll == "truncated" else 0
+    run = dict(trace=True, checkpoint=config.unroll == "checkpoint", autocast=config.autocast, grad_from=grad_from)
     if config.method == "objective":
-        _, trace = pnp_fista(task.student, y_s, denoiser, gamma_s, K, npo, trace=True,
-                             checkpoint=config.unroll == "checkpoint", autocast=config.autocast, grad_from=grad_from)
+        _, trace = pnp_fista(task.student, y_s, denoiser, gamma_s, K, npo, **run)
         loss = objective_loss(task.student, trace, y_s)
         return loss, {"objective": loss.item()}
-    teacher_out = teacher_trace = None
+    y_t = teacher_out = teacher_trace = None
     if weights.needs_teacher:
-        with torch.no_grad():
-            teacher_out, teacher_trace = pnp_fista(task.teacher, y_t, denoiser, gamma_t, K, trace=True,
-                                                   autocast=config.autocast)
-    student_out, student_trace = pnp_fista(task.student, y_s, denoiser, gamma_s, K, npo, trace=True,
-                                           checkpoint=config.unroll == "checkpoint", autocast=config.autocast,
-                                           grad_from=grad_from)
+        if teacher is not None and config.teacher_gradient == "student":
+            y_t, teacher_out = teacher
+        else:
+            y_t = measure(task.teacher, x, seed=seed)
+            with torch.no_grad():
+                teacher_out, teacher_trace = pnp_fista(task.teacher, y_t, denoiser, gamma_t, K, trace=True,
+                                                       autocast=config.autocast)
+    _, student_trace = pnp_fista(task.student, y_s, denoiser, gamma_s, K, npo, **run)
+    outputs = student_trace.x[K - config.tail:]  # x_{K−tail+1} … x_K
     terms: dict[str, torch.Tensor] = {}
     if weights.gradient > 0:
         A_s, A_t = task.student, task.teacher
@@ -287,13 +327,14 @@ def _loss(config: TrainConfig, task: Task, npo: NPO, denoiser, x: torch.Tensor, 
                              for k, z in enumerate(teacher_trace.z)]
         terms["gradient"] = gradient_loss(predicted, targets)
     if weights.imitation > 0:
-        terms["imitation"] = imitation_loss(student_out, teacher_out)
+        terms["imitation"] = sum(imitation_loss(out, teacher_out) for out in outputs) / len(outputs)
     if weights.supervised > 0:
-        terms["supervised"] = supervised_loss(student_out, x)
+        terms["supervised"] = sum(supervised_loss(out, x) for out in outputs) / len(outputs)
     loss = sum(getattr(weights, name) * value for name, value in terms.items())
     return loss, {name: value.item() for name, value in terms.items()}
 
 
+# --- run directories --------------------------------------------------------------------------------
 def saved_train_config(run_dir: str | os.PathLike) -> dict:
     """The run's saved training configuration, as :meth:`TrainConfig.to_json_dict` gives it today
     (fields added since the run was made take their defaults, so older runs still match)."""
@@ -322,23 +363,57 @@ def _write_log(history: list[dict], path: Path) -> None:
     if not history:
         return
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(history[-1]))
+    fields = list(dict.fromkeys(key for row in history for key in row))
+    writer = csv.DictWriter(buffer, fieldnames=fields)
     writer.writeheader()
     writer.writerows(history)
     atomic_write_text(buffer.getvalue(), path)
 
 
+# --- the schedule ---------------------------------------------------------------------------------
+def _build_optimizer(config: TrainConfig, npo: torch.nn.Module):
+    cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+    return cls(npo.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+
+
+def lr_factor(config: TrainConfig, update: int, total: int) -> float:
+    """The learning-rate multiplier of update ``update`` (0-based) of ``total`` under ``config.schedule``
+    (``plateau`` is driven by the validation PSNR instead, and has no warm-up)."""
+    if update < config.warmup:
+        return (update + 1) / config.warmup
+    if config.schedule != "cosine":
+        return 1.0
+    progress = (update - config.warmup) / max(1, total - config.warmup)
+    return config.final_lr_ratio + (1 - config.final_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def _build_scheduler(config: TrainConfig, optimizer, total: int):
+    if config.schedule == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=config.plateau_factor,
+                                                          patience=config.plateau_patience)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: lr_factor(config, u, total))
+
+
+def validation_points(config: TrainConfig, updates_per_epoch: int, total: int) -> list[int]:
+    """The update counts after which the validation PSNR is measured (and the state checkpointed)."""
+    every = config.val_every or updates_per_epoch
+    return sorted({*range(every, total + 1, every), *(p for p in config.val_points if p <= total), total})
+
+
+# --- the loop ---------------------------------------------------------------------------------------
 @locked_run_dir
 def train(config: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False, progress: bool = True,
           task: Task | None = None, train_images: torch.Tensor | None = None,
-          val_images: torch.Tensor | None = None) -> dict:
-    """Train an NPO; returns the summary (best validation PSNR, epochs, seconds, paths).
+          val_images: torch.Tensor | None = None, device: str | torch.device | None = "auto") -> dict:
+    """Train a preconditioner; returns the summary (best validation PSNR, updates, seconds, paths).
 
     :param config: the run's settings.
     :param run_dir: its directory (created).
     :param resume: continue the run found in ``run_dir``.
     :param task, train_images, val_images: for tests and the Python API: give them directly
         instead of building them from ``config`` (the run is then reproducible only with the same ones).
+    :param device: ``"auto"`` (a CUDA GPU when there is one), ``"cpu"`` or ``"cuda"`` — ignored
+        when ``task`` is given (its device is used).
     :raises TrainingError: bad settings, a run directory of another run, a NaN loss, or a diverged run.
     :raises ~d2gp.checkpoints.LockedError: another process trains into ``run_dir``.
     """
@@ -346,13 +421,19 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = Fal
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     _check_run_dir(run_dir, config, resume)
-    task = task or make_task(config.task, **config.task_settings)
+    task = task or make_task(config.task, device=resolve_device(device), **config.task_settings)
+    device = task.device
+    precision("training", device)
     if train_images is None:
         train_images = task.images("train", limit=config.train_images)
     if val_images is None:
         val_images = task.images("val", limit=config.val_images)
-    write_json({"train": config.to_dict(), "task": task.config.to_dict(), "environment": environment(),
+    train_images = task.check_images(train_images, "training images").to(device)
+    updates_per_epoch = math.ceil(len(train_images) / config.batch_size)
+    total = config.updates or config.epochs * updates_per_epoch
+    write_json({"train": config.to_dict(), "task": task.config.to_dict(), "environment": environment(device),
                 "data": {"train": len(train_images), "val": len(val_images), "dataset": task.dataset},
+                "updates": {"total": total, "per_epoch": updates_per_epoch},
                 "step_size": {"student": task.student_step_size, "teacher": task.teacher_step_size}},
                run_dir / "config.json")
 
@@ -360,69 +441,93 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = Fal
     denoiser = task.denoiser().requires_grad_(False)
     npo = build_preconditioner(config, task)
     optimizer = _build_optimizer(config, npo)
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=config.plateau_factor,
-                                                           patience=config.plateau_patience)
+    scheduler = _build_scheduler(config, optimizer, total)
     generator = torch.Generator().manual_seed(config.seed)
     history: list[dict] = []
-    best, start_epoch = -math.inf, 0
+    best, update, order = -math.inf, 0, None
     state_path = run_dir / "checkpoint.pt"
     if resume and state_path.exists():
         state = restore_training_state(state_path, _STATE_FORMAT, npo, optimizer, scheduler, generator)
-        history, best, start_epoch = state["history"], state["best"], state["epoch"]
+        history, best = state["history"], state["best"]
+        update, order = state.get("update", state.get("epoch", 0) * updates_per_epoch), state.get("order")
+    cached = config.teacher_cache and config.weights.needs_teacher and config.teacher_gradient == "student" \
+        and config.method != "objective"
+    teacher = TeacherTargets(task, denoiser, train_images, config.iterations, config.seed, progress=progress) \
+        if cached else None
 
     writer = _tensorboard(run_dir) if config.tensorboard else None
-    steps = math.ceil(len(train_images) / config.batch_size)
-    began = time.perf_counter()
+    checkpoints = [p for p in validation_points(config, updates_per_epoch, total) if p > update]
     val_psnr = history[-1]["val_psnr"] if history else float("nan")
-    for epoch in range(start_epoch, config.epochs):
-        npo.train()
-        order = torch.randperm(len(train_images), generator=generator)
-        sums: dict[str, float] = {}
-        epoch_began = time.perf_counter()
-        bar = tqdm(range(steps), desc=f"{config.method} {task.name} epoch {epoch + 1}/{config.epochs}",
-                   disable=not progress, leave=False)
-        for step in bar:
-            x = train_images[order[step * config.batch_size:(step + 1) * config.batch_size]]
-            seed = int(torch.randint(2**31 - 1, (1,), generator=generator))
-            loss, terms = _loss(config, task, npo, denoiser, x, seed)
-            if not torch.isfinite(loss):
-                kept = f"the last good checkpoint {state_path} is intact" if state_path.exists() else "no checkpoint was written yet"
-                raise TrainingError(
-                    f"the loss became {loss.item()} at epoch {epoch + 1}, step {step + 1} (terms {terms}); "
-                    f"training stopped, {kept} — lower --lr or the λ weights")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            for name, value in {"loss": loss.item(), **terms}.items():
-                sums[name] = sums.get(name, 0.0) + value
-            bar.set_postfix(loss=f"{loss.item():.3g}", val_psnr=f"{val_psnr:.2f}")
-        npo.eval()
-        run = evaluate_solver("val", task.student, val_images, denoiser, task.student_step_size, config.iterations,
-                              preconditioner=npo, progress=False)
-        val_psnr = float(run.psnr[config.iterations].mean())
-        scheduler.step(val_psnr)
-        row = {"epoch": epoch + 1, **{name: value / steps for name, value in sums.items()}, "val_psnr": val_psnr,
-               "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - epoch_began}
-        history.append(row)
-        if val_psnr > best:
-            best = val_psnr
-            save_npo(npo, run_dir / "best.pt", task, config, {"val_psnr": val_psnr, "epoch": epoch + 1})
-        if progress:
-            tqdm.write(f"{config.method} {task.name} epoch {epoch + 1}/{config.epochs}: loss {row['loss']:.4g}, "
-                       f"val PSNR {val_psnr:.2f} dB (best {best:.2f}), {row['seconds']:.0f} s")
-        if writer is not None:
-            for name, value in row.items():
-                writer.add_scalar(name, value, epoch + 1)
-        save_training_state(state_path, _STATE_FORMAT, npo, optimizer, scheduler, generator,
-                            history=history, best=best, epoch=epoch + 1)
-        _write_log(history, run_dir / "log.csv")
+    sums: dict[str, float] = {}
+    count, window_began, began = 0, time.perf_counter(), time.perf_counter()
+    bar = tqdm(total=total, initial=update, desc=f"{config.method} {task.name}", disable=not progress,
+               unit="update")
+    npo.train()
+    while update < total:
+        step = update % updates_per_epoch
+        if step == 0:
+            order = torch.randperm(len(train_images), generator=generator)
+        index = order[step * config.batch_size:(step + 1) * config.batch_size]
+        seed = int(torch.randint(2**31 - 1, (1,), generator=generator))
+        loss, terms = _loss(config, task, npo, denoiser, train_images[index.to(device)], seed,
+                            teacher[index.to(device)] if teacher is not None else None)
+        if not torch.isfinite(loss):
+            where = (f"the last good checkpoint {state_path} (update {history[-1]['update']}) is intact"
+                     if history else "no checkpoint had been written yet")
+            raise TrainingError(f"the loss became {loss.item()} at update {update + 1} (terms {terms}); training "
+                                f"stopped, {where} — lower --lr or the λ weights, or set --grad-clip")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(npo.parameters(), config.grad_clip or math.inf)
+        optimizer.step()
+        if config.schedule != "plateau":
+            scheduler.step()
+        update += 1
+        count += 1
+        for name, value in {"loss": loss.item(), **terms, "grad_norm": float(norm)}.items():
+            sums[name] = sums.get(name, 0.0) + value
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3g}", val_psnr=f"{val_psnr:.2f}" if history else "–")
+        if checkpoints and update == checkpoints[0]:
+            checkpoints.pop(0)
+            npo.eval()
+            run = evaluate_solver("val", task.student, val_images, denoiser, task.student_step_size, config.iterations,
+                                  preconditioner=npo, progress=False)
+            npo.train()
+            val_psnr = float(run.psnr[config.iterations].mean())
+            if config.schedule == "plateau":
+                scheduler.step(val_psnr)
+            seconds = time.perf_counter() - window_began
+            row = {"update": update, "epoch": round(update / updates_per_epoch, 4),
+                   **{name: value / count for name, value in sums.items()}, "val_psnr": val_psnr,
+                   "lr": optimizer.param_groups[0]["lr"], "seconds": seconds}
+            history.append(row)
+            if val_psnr > best:
+                best = val_psnr
+                save_npo(npo, run_dir / "best.pt", task, config, {"val_psnr": val_psnr, "update": update,
+                                                                  "epoch": row["epoch"]})
+            if progress:
+                bar.write(f"{config.method} {task.name} update {update}/{total}: loss {row['loss']:.4g}, "
+                          f"val PSNR {val_psnr:.2f} dB (best {best:.2f}), {seconds:.0f} s")
+            if writer is not None:
+                for name, value in row.items():
+                    writer.add_scalar(name, value, update)
+            save_training_state(state_path, _STATE_FORMAT, npo, optimizer, scheduler, generator,
+                                history=history, best=best, update=update, order=order)
+            _write_log(history, run_dir / "log.csv")
+            sums, count, window_began = {}, 0, time.perf_counter()
+    bar.close()
+    npo.eval()
     identity = evaluate_solver("identity", task.student, val_images, denoiser, task.student_step_size,
                                config.iterations, progress=False)
     check_not_diverged(best, float(identity.psnr[config.iterations].mean()))
-    save_npo(npo, run_dir / "last.pt", task, config, {"val_psnr": val_psnr, "epoch": config.epochs})
-    summary = {"best_val_psnr": best, "final_val_psnr": val_psnr, "epochs": config.epochs,
-               "seconds_this_session": time.perf_counter() - began,
-               "seconds_per_epoch": sum(r["seconds"] for r in history) / max(1, len(history)), "run_dir": str(run_dir)}
+    save_npo(npo, run_dir / "last.pt", task, config, {"val_psnr": val_psnr, "update": total,
+                                                      "epoch": round(total / updates_per_epoch, 4)})
+    training_seconds = sum(r["seconds"] for r in history)
+    summary = {"best_val_psnr": best, "final_val_psnr": val_psnr, "updates": total,
+               "epochs": round(total / updates_per_epoch, 4), "training_seconds": training_seconds,
+               "seconds_per_update": training_seconds / max(1, total), "seconds_this_session": time.perf_counter() - began,
+               "run_dir": str(run_dir)}
     write_json(summary, run_dir / "summary.json")
     return summary
 

@@ -43,6 +43,7 @@ import inspect
 from typing import Any, Optional, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from d2gp.preconditioners.encoding import IterationEncoding, make_activation
@@ -57,7 +58,7 @@ MAX_PARAMETERS = 200_000_000
 LAYER_SCALE_INIT = 1e-2
 
 
-def _check_arguments(channels, width, blocks, kernel_size, expansion, activation) -> None:
+def _check_arguments(channels, width, blocks, kernel_size, expansion, activation, max_iteration) -> None:
     """The checks of :class:`NPO`'s constructor arguments (``ValueError`` naming the first bad one)."""
     for name, value in (("channels", channels), ("width", width), ("blocks", blocks),
                         ("kernel_size", kernel_size), ("expansion", expansion)):
@@ -65,6 +66,9 @@ def _check_arguments(channels, width, blocks, kernel_size, expansion, activation
             raise ValueError(f"{name} must be an int ≥ 1, got {value!r}")
     if kernel_size % 2 == 0:
         raise ValueError(f"kernel_size must be odd (to keep the image size), got {kernel_size}")
+    if max_iteration is not None and (isinstance(max_iteration, bool) or not isinstance(max_iteration, int)
+                                      or max_iteration < 0):
+        raise ValueError(f"max_iteration must be None or an int ≥ 0, got {max_iteration!r}")
     if activation not in ("relu", "gelu"):
         raise ValueError(f"activation must be 'relu' or 'gelu', got {activation!r}")
     estimate = blocks * width * (kernel_size**2 + 2 * expansion * width)  # the blocks' weights, roughly
@@ -97,9 +101,25 @@ class ConvNeXtBlock(nn.Module):
         self.gamma = nn.Parameter(torch.full((width,), float(layer_scale_init)))
 
     def forward(self, u: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        """``u``: (B, width, H, W); ``emb``: (B or 1, width)."""
+        """``u``: (B, width, H, W); ``emb``: (B or 1, width).
+
+        Evaluated with the LayerNorm's affine map folded into ``pw1`` and the layer scale γ into
+        ``pw2`` (both then run as 1×1 convolutions, NHWC when ``u`` is channels-last): the same
+        function as :meth:`reference_forward` up to float rounding, with two fewer passes over the
+        (B, expansion·width, H, W) activations.
+        """
         h = self.dwconv(u) + emb[:, :, None, None]
-        h = h.permute(0, 2, 3, 1)  # NHWC (a free view when u is channels_last)
+        h = F.layer_norm(h.permute(0, 2, 3, 1), self.norm.normalized_shape, None, None, self.norm.eps)
+        w1 = self.pw1.weight * self.norm.weight
+        b1 = torch.addmv(self.pw1.bias, self.pw1.weight, self.norm.bias)
+        h = self.act(F.conv2d(h.permute(0, 3, 1, 2), w1[:, :, None, None], b1))
+        w2 = self.gamma[:, None] * self.pw2.weight
+        return u + F.conv2d(h, w2[:, :, None, None], self.gamma * self.pw2.bias)
+
+    def reference_forward(self, u: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """The block as written in the maths (LayerNorm, then the pointwise MLP, then γ): for tests."""
+        h = self.dwconv(u) + emb[:, :, None, None]
+        h = h.permute(0, 2, 3, 1)  # NHWC
         h = self.pw2(self.act(self.pw1(self.norm(h))))
         h = (self.gamma * h).permute(0, 3, 1, 2)
         return u + h
@@ -118,7 +138,11 @@ class NPO(nn.Module):
     :param time_hidden: hidden width of the encoding's MLP (64 keeps the default NPO near the
         paper's 44 k parameters: 42 k).
     :param use_iterate: also take the iterate z_k as input (``forward(grad, k, iterate=z)``).
-    :param channels_last: run the network in ``torch.channels_last`` memory format.
+    :param channels_last: run the network in ``torch.channels_last`` memory format (its weights
+        are stored channels-last: PyTorch picks a convolution's layout from its weights).
+    :param max_iteration: if set, iterations past it use its encoding, ``P(g, k) = P(g, min(k,
+        max_iteration))``: past the range it was trained on, the NPO repeats its last trained
+        operator instead of extrapolating the sinusoids (set by training to the last trained k).
 
     ``forward(grad, k, iterate=None)``: ``grad`` is (B, C, H, W), ``k`` an int or a 1-D integer
     tensor of B per-image indices; returns a tensor of ``grad``'s shape and dtype.
@@ -133,17 +157,20 @@ class NPO(nn.Module):
 
     def __init__(self, channels: int = 1, width: int = 32, blocks: int = 5, kernel_size: int = 3,
                  expansion: int = 2, activation: str = "relu", time_features: int = 128,
-                 time_hidden: int = 64, use_iterate: bool = False, channels_last: bool = True):
+                 time_hidden: int = 64, use_iterate: bool = False, channels_last: bool = True,
+                 max_iteration: int | None = None):
         super().__init__()
-        _check_arguments(channels, width, blocks, kernel_size, expansion, activation)
+        _check_arguments(channels, width, blocks, kernel_size, expansion, activation, max_iteration)
         self._config = dict(channels=channels, width=width, blocks=blocks, kernel_size=kernel_size,
                             expansion=expansion, activation=activation, time_features=time_features,
-                            time_hidden=time_hidden, use_iterate=bool(use_iterate), channels_last=bool(channels_last))
+                            time_hidden=time_hidden, use_iterate=bool(use_iterate), channels_last=bool(channels_last),
+                            max_iteration=max_iteration)
         self.channels = channels
         self.width = width
         self.num_blocks = blocks
         self.uses_iterate = bool(use_iterate)
         self.channels_last = bool(channels_last)
+        self.max_iteration = max_iteration
 
         in_channels = channels * (2 if use_iterate else 1)
         self.stem = nn.Conv2d(in_channels, width, 3, padding=1)
@@ -153,6 +180,8 @@ class NPO(nn.Module):
         self.head = nn.Conv2d(width, channels, 3, padding=1)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
+        if self.channels_last:
+            self.to(memory_format=torch.channels_last)
 
     @classmethod
     def check_config(cls, config: dict[str, Any]) -> None:
@@ -165,7 +194,7 @@ class NPO(nn.Module):
         bound.apply_defaults()
         arguments = bound.arguments
         _check_arguments(*(arguments[name] for name in ("channels", "width", "blocks", "kernel_size", "expansion",
-                                                        "activation")))
+                                                        "activation", "max_iteration")))
 
     @property
     def config(self) -> dict[str, Any]:
@@ -211,6 +240,8 @@ class NPO(nn.Module):
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
 
+        if self.max_iteration is not None:
+            k = k.clamp(max=self.max_iteration) if isinstance(k, torch.Tensor) else min(k, self.max_iteration)
         emb = self.encoding(k).view(-1, self.num_blocks, self.width)  # (B or 1, blocks, width)
         u = self.stem(x)
         for b, block in enumerate(self.blocks):

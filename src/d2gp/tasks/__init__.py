@@ -36,6 +36,7 @@ def task_config(name: str, **overrides) -> TaskConfig:
     return cls(**{k: v for k, v in overrides.items() if v is not None})
 
 
-def make_task(name: str, **overrides) -> Task:
-    """Build task ``name`` (``"spc"``, ``"mri"``, ``"sr"``) with its defaults and ``overrides``."""
-    return Task(task_config(name, **overrides))
+def make_task(name: str, device: str | None = "cpu", **overrides) -> Task:
+    """Build task ``name`` (``"spc"``, ``"mri"``, ``"sr"``) with its defaults and ``overrides``, its
+    operators on ``device`` (``"cpu"``, ``"cuda"`` or ``"auto"``: see :mod:`d2gp.device`)."""
+    return Task(task_config(name, **overrides), device=device)

@@ -106,7 +106,10 @@ def power_norm(physics: LinearPhysics, shape: tuple[int, ...], iterations: int =
     :param iterations: maximum number of power iterations (stops at relative change < 1e-7).
     """
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn((1, *shape), generator=generator, dtype=torch.float64)
+    from d2gp.device import module_device
+
+    device = module_device(physics)
+    x = torch.randn((1, *shape), generator=generator, dtype=torch.float64).to(device)
     x = x / x.norm()
     value = 0.0
     with torch.no_grad():
@@ -126,11 +129,26 @@ def measure(physics: LinearPhysics, x: torch.Tensor, seed: int | None = None, of
 
     With ``seed``, image ``i`` of the batch gets the noise drawn from seed ``seed + offset + i``:
     the noise of an image does not depend on how the images were batched.
+    The noise is drawn on the CPU (the same numbers as deepinv's ``GaussianNoise`` with a CPU
+    generator) and moved to the device of ``x``, so a seed gives the same measurements on every device.
     """
     clean = physics.A(x)
     if seed is None:
+        if clean.device.type != "cpu":
+            raise ValueError("measure() on a GPU needs a seed: the noise generators live on the CPU")
         return physics.noise_model(clean)
-    return torch.cat([physics.noise_model(clean[i:i + 1], seed=seed + offset + i) for i in range(len(clean))])
+    sigma = getattr(physics.noise_model, "sigma", None)
+    if sigma is None:  # another noise model than Gaussian: its own generator, per image
+        return torch.cat([physics.noise_model(clean[i:i + 1], seed=seed + offset + i) for i in range(len(clean))])
+    sigma = float(sigma)
+    if sigma == 0:
+        return clean
+    generator = torch.Generator()
+    noise = torch.empty((len(clean), *clean.shape[1:]), dtype=clean.dtype)
+    for i in range(len(clean)):
+        generator.manual_seed(seed + offset + i)
+        noise[i].normal_(generator=generator)
+    return clean + noise.to(clean.device) * sigma
 
 
 class Task:
@@ -140,19 +158,25 @@ class Task:
         config: the :class:`TaskConfig` it was built from.
         student, teacher: the two ``deepinv.physics.LinearPhysics`` (noise model included).
         image_shape: ``(C, H, W)`` of the images.
+        device: where the operators (and :meth:`denoiser`) live; :meth:`images` stay on the CPU
+            (move batches with ``.to(task.device)``).
     """
 
-    def __init__(self, config: TaskConfig):
+    def __init__(self, config: TaskConfig, device: str | torch.device | None = "cpu"):
+        from d2gp.device import resolve_device
+
         config.validate()
         self.config = config
         self.name = config.name
         self.image_shape = (config.channels, config.image_size, config.image_size)
+        self.device = resolve_device(device)
         self.student = config.build_student()
         self.teacher = config.build_teacher()
         for physics in (self.student, self.teacher):
             physics.noise_model = GaussianNoise(
                 sigma=self.noise_sigma_for(physics), rng=torch.Generator().manual_seed(config.data_seed)
             )
+            physics.to(self.device)
 
     def noise_sigma_for(self, physics: LinearPhysics) -> float:
         """The noise std in the measurement units of ``physics`` (see :attr:`noise_scale`)."""
@@ -241,8 +265,12 @@ class Task:
     # Denoiser ---------------------------------------------------------------------------------
     def denoiser(self) -> torch.nn.Module:
         """The PnP prior: the configured weights file (else the one shipped for this task), scaled
-        by ``denoiser_scale`` when that is below 1 (see :class:`d2gp.denoisers.ScaledDenoiser`)."""
+        by ``denoiser_scale`` when that is below 1 (see :class:`d2gp.denoisers.ScaledDenoiser`), on
+        :attr:`device` in the channels-last layout."""
         from d2gp.denoisers import ScaledDenoiser, load_denoiser
 
-        model = load_denoiser(self.config.denoiser or self.name, channels=self.image_shape[0], task=self.name)
+        from d2gp.device import prepare
+
+        model = prepare(load_denoiser(self.config.denoiser or self.name, channels=self.image_shape[0], task=self.name),
+                        self.device)
         return model if self.config.denoiser_scale == 1 else ScaledDenoiser(model, self.config.denoiser_scale)

@@ -1,0 +1,94 @@
+"""Weights files of trained preconditioners: the format, saving, loading, the shipped ones.
+
+A weights file is a dict saved with :func:`d2gp.checkpoints.atomic_save` (CPU tensors only, so it
+loads on any machine) and loaded with ``weights_only=True``::
+
+    {"format": "d2gp-npo", "kind": "npo" | "scalar" | "pointwise" | "convolutional" | "full",
+     "npo": {constructor arguments}, "state_dict": {...}, "task": name, "task_config": {...},
+     "method": ..., "iterations": K, "train_config": {...}, ...extra (val_psnr, update, ...)}
+
+Files written before ``kind`` existed hold NPOs. The training loop (:mod:`d2gp.training`) writes
+them; :func:`load_npo` reads them for evaluation, ``d2gp reconstruct`` and the benchmarks.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from d2gp.checkpoints import CheckpointError, atomic_save, load_checkpoint, require_entries
+from d2gp.device import to_cpu
+from d2gp.preconditioners.learned_linear import build_linear
+from d2gp.preconditioners.npo import NPO
+
+__all__ = ["NPO_FORMAT", "save_npo", "load_npo", "shipped_npo_path", "rebuild"]
+
+NPO_FORMAT = "d2gp-npo"
+
+#: Methods whose trained NPO may be shipped inside the package (``load_npo("d2gp", task)``).
+SHIPPED_METHODS = ("d2gp", "supervised", "objective")
+
+
+def rebuild(kind: str, architecture: dict) -> torch.nn.Module:
+    """An untrained preconditioner of ``kind`` with the constructor arguments ``architecture``."""
+    return NPO(**architecture) if kind == "npo" else build_linear(kind, **architecture)
+
+
+def save_npo(npo: torch.nn.Module, path: str | os.PathLike, task, config, extra: dict | None = None) -> None:
+    """Save a trained preconditioner (an NPO or a learned linear one: ``kind``) with its metadata.
+
+    :param npo: the preconditioner (on any device: the file holds CPU tensors).
+    :param task: the :class:`~d2gp.tasks.Task` it was trained for.
+    :param config: its :class:`~d2gp.training.TrainConfig`.
+    :param extra: more entries (validation PSNR, update count, …).
+    """
+    atomic_save({
+        "format": NPO_FORMAT, "task": task.name, "task_config": task.config.to_dict(),
+        "kind": getattr(npo, "kind", "npo"), "npo": dict(npo.config), "state_dict": to_cpu(npo.state_dict()),
+        "method": config.method, "iterations": config.iterations, "train_config": config.to_dict(), **(extra or {}),
+    }, path)
+
+
+def shipped_npo_path(task: str, method: str = "d2gp") -> Path:
+    """Where the NPO trained with ``method`` for the default ``task`` lies inside the package."""
+    from importlib import resources
+
+    return Path(str(resources.files("d2gp") / "weights" / f"npo_{task}_{method}.pt"))
+
+
+def load_npo(source: str | os.PathLike, task=None, device: str | torch.device | None = None) -> tuple[torch.nn.Module, dict]:
+    """Load a trained preconditioner; with ``task``, refuse one trained for another task or image channels.
+
+    :param source: a weights file, a training run directory (its ``best.pt``), or — with
+        ``task`` — a method name (``"d2gp"``, ``"supervised"``) for the weights shipped for it.
+    :param device: where to put it (default: the task's device, else the CPU).
+    :return: the preconditioner (eval mode) and the file's metadata (method, iterations, task_config, …).
+    """
+    path = Path(source)
+    if str(source) in SHIPPED_METHODS and task is not None and not path.exists():
+        path = shipped_npo_path(task.name, str(source))
+        if not path.is_file():
+            raise CheckpointError(f"no {source} NPO is shipped for task {task.name!r}; train one with "
+                                  f"`d2gp train --task {task.name} --method {source}`")
+    elif path.is_dir():
+        path = path / "best.pt"
+    data = load_checkpoint(path, NPO_FORMAT, what="NPO weights file")
+    require_entries(data, {"task": str, "npo": dict, "state_dict": dict, "method": str}, path, "NPO weights file")
+    if task is not None:
+        if data["task"] != task.name:
+            raise CheckpointError(f"NPO weights {path} were trained for task {data['task']!r}, not {task.name!r}")
+        channels = data["npo"].get("channels", 1)
+        if channels != task.image_shape[0]:
+            raise CheckpointError(f"NPO weights {path} work on {channels}-channel images, the task has {task.image_shape[0]}")
+    kind = data.get("kind", "npo")
+    try:
+        npo = rebuild(kind, data["npo"])
+        npo.load_state_dict(data["state_dict"])
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise CheckpointError(f"weights {path} do not fit the {kind} architecture {data['npo']}: {str(error)[:200]}") from None
+    meta = {**{k: v for k, v in data.items() if k != "state_dict"}, "kind": kind}  # files before "kind": NPOs
+    if device is None:
+        device = task.device if task is not None else "cpu"
+    return npo.to(device).eval(), meta

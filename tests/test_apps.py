@@ -1,0 +1,111 @@
+"""The applications: the demo end to end (tiny), profiles, where evaluations go, what is said on the way."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from d2gp.apps import PROFILES, announce, demo, evaluate_runs, evaluation_dir, profile_settings
+from d2gp.checkpoints import CheckpointError
+from d2gp.cli import main
+from d2gp.training import TrainingError
+
+TINY = dict(train_images=16, val_images=8, epochs=1, iterations=2, batch_size=8, npo={"width": 8, "blocks": 1})
+FILES = ["examples.png", "psnr_curves.png", "results.json", "table.csv", "table.md"]
+
+
+@pytest.fixture(scope="module")
+def tiny_demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("apps") / "demo"
+    return out, demo(out, limit=8, progress=False, **TINY)
+
+
+def test_demo_trains_both_and_writes_the_evaluation_beside_them(tiny_demo):
+    out, result = tiny_demo
+    assert "| D2GP |" in result["table"] and "| Supervised |" in result["table"]
+    assert Path(result["out"]) == out / "evaluation" == evaluation_dir([out / "d2gp", out / "supervised"])
+    assert sorted(p.name for p in (out / "evaluation").iterdir()) == FILES
+    assert json.loads((out / "evaluation" / "results.json").read_text())["runs"] == [str(out / "d2gp"),
+                                                                                     str(out / "supervised")]
+
+
+def test_demo_reuses_finished_runs_and_never_overwrites_another(tiny_demo):
+    out, _ = tiny_demo
+    mtime = (out / "d2gp" / "best.pt").stat().st_mtime
+    saved = json.loads((out / "d2gp" / "config.json").read_text())
+    del saved["train"]["linear"]  # a run made before this field existed
+    (out / "d2gp" / "config.json").write_text(json.dumps(saved))
+    demo(out, limit=8, progress=False, **TINY)  # finished runs are reused
+    assert (out / "d2gp" / "best.pt").stat().st_mtime == mtime
+    with pytest.raises(TrainingError, match="configuration differs in lr"):
+        demo(out, limit=8, progress=False, **{**TINY, "lr": 5e-4})
+
+
+def test_evaluate_command_writes_where_the_demo_does(tiny_demo, capsys):
+    out, _ = tiny_demo
+    assert main(["evaluate", str(out / "d2gp"), str(out / "supervised"), "--limit", "4"]) == 0
+    assert json.loads((out / "evaluation" / "results.json").read_text())["images"] == 4
+    assert f"wrote {out / 'evaluation'}/" in capsys.readouterr().out
+
+
+def test_evaluating_one_run_writes_into_it_and_says_each_phase(tiny_demo, capsys):
+    out, _ = tiny_demo
+    result = evaluate_runs([out / "d2gp"], limit=4)
+    assert Path(result["out"]) == out / "d2gp" / "evaluation"
+    assert sorted(p.name for p in (out / "d2gp" / "evaluation").iterdir()) == FILES
+    captured = capsys.readouterr()
+    assert captured.out == ""  # the messages go to stderr: stdout stays for results
+    for said in ("evaluating on spc: loading the test and validation images",
+                 "tuning the student baseline's step size γ on 8 validation images at K = 2",
+                 "baseline step γ = ", "running 3 methods to 5K = 10 iterations on 4 test images",
+                 f"writing the table and figures to {out / 'd2gp' / 'evaluation'}"):
+        assert said in captured.err
+
+
+def test_progress_false_says_nothing(tiny_demo, tmp_path, capsys):
+    out, _ = tiny_demo
+    evaluate_runs([out / "d2gp"], limit=2, out=tmp_path / "quiet", progress=False)
+    assert capsys.readouterr() == ("", "")
+    announce("a phase", progress=False)
+    assert capsys.readouterr() == ("", "")
+    announce("a phase")
+    assert capsys.readouterr() == ("", "a phase\n")
+
+
+@pytest.mark.parametrize("runs,expected", [
+    (["runs/spc-d2gp"], "runs/spc-d2gp/evaluation"),
+    (["runs/demo/d2gp", "runs/demo/supervised/"], "runs/demo/evaluation"),
+    (["runs/spc-d2gp", "runs/spc-sup"], "runs/evaluation"),
+    (["runs/a/x", "runs/b"], "runs/evaluation"),
+    (["a", "b"], "evaluation"),
+    (["/data/runs/a", "/data/runs/b"], "/data/runs/evaluation"),
+])
+def test_evaluation_dir_is_beside_the_runs(runs, expected):
+    assert evaluation_dir(runs) == Path(expected)
+
+
+def test_evaluation_dir_of_absolute_and_relative_runs():
+    assert evaluation_dir([Path.cwd() / "runs" / "a", "runs/b"]) == Path.cwd() / "runs" / "evaluation"
+
+
+def test_evaluation_dir_refusals():
+    with pytest.raises(CheckpointError, match="share no folder to hold their evaluation: choose one with --out"):
+        evaluation_dir(["/data/a", "/scratch/b"])
+    with pytest.raises(CheckpointError, match="no run directories"):
+        evaluation_dir([])
+
+
+def test_evaluation_dir_is_said_in_the_help(capsys):
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--help"])
+    assert "RUN/evaluation for one run" in " ".join(capsys.readouterr().out.split())
+
+
+def test_profiles_are_per_task():
+    assert profile_settings("quick", "spc") == PROFILES["quick"]
+    mri = profile_settings("quick", "mri")
+    assert mri["batch_size"] < 32 and mri["train_images"] < PROFILES["quick"]["train_images"]
+    assert profile_settings("full", "sr") == PROFILES["full"]
+    with pytest.raises(CheckpointError, match="unknown profile 'huge'"):
+        profile_settings("huge", "spc")
+
