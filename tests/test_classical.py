@@ -52,7 +52,7 @@ def _operators():
         "mri-odd": (CartesianMRI(15, gaussian_column_order(15)[:4]), (1, 15, 15), "fourier"),
         "sr-x2": (make_downsampling((3, 16, 16), 2).double(), (3, 16, 16), "woodbury"),
         "sr-x4": (make_downsampling((1, 16, 16), 4).double(), (1, 16, 16), "woodbury"),
-        "spc-binary": (HadamardSPC(8, hadamard_rows(8, 20), patterns="binary"), (1, 8, 8), "cg"),
+        "spc-binary": (HadamardSPC(8, hadamard_rows(8, 20), channels=2, patterns="binary"), (2, 8, 8), "binary"),
         "dense": (_dense(_random_matrix(10, 16)), (1, 4, 4), "cg"),
     }
 

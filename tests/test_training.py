@@ -307,3 +307,19 @@ def test_progress_bar_shows_no_nan_before_the_first_validation(tiny, tmp_path, m
     first_epoch = dict(zip(log[0].split(","), log[1].split(",")))
     # 16 images in batches of 8: two updates per epoch; the first epoch has no validation PSNR yet
     assert postfixes == ["–", "–", *[f"{float(first_epoch['val_psnr']):.2f}"] * 2]
+
+
+def test_the_unrolled_loss_compiles_as_one_graph(tiny, one_thread):
+    """What ``train(..., compile=True)`` captures (with CUDA graphs on a GPU) must have no graph break."""
+    import functools
+
+    config = _config(tiny, iterations=2, tail=2)
+    task = make_task("spc", **config.task_settings)
+    den, x = task.denoiser().requires_grad_(False), tiny["train"][:4]
+    npo = training.build_preconditioner(config, task)
+    teacher = training.TeacherTargets(task, den, x, config.iterations)
+    y_s = training.measure(task.student, x, seed=1)
+    eager = functools.partial(training.unrolled_loss, config, task, npo, den)
+    compiled = torch.compile(eager, backend="eager", fullgraph=True)  # fullgraph: a break is an error
+    (a, terms_a), (b, terms_b) = eager(x, y_s, teacher.y, teacher.x), compiled(x, y_s, teacher.y, teacher.x)
+    assert torch.equal(a, b) and terms_a.keys() == terms_b.keys() == {"gradient", "imitation", "supervised"}

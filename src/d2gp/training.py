@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import io
 import json
 import math
@@ -287,31 +288,51 @@ class TeacherTargets:
 
 
 def _loss(config: TrainConfig, task: Task, npo, denoiser, x: torch.Tensor, seed: int,
-          teacher: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict]:
+          teacher: tuple[torch.Tensor, torch.Tensor] | None = None, unrolled=None) -> tuple[torch.Tensor, dict]:
     """The training loss on one batch and its terms (floats, for the log).
 
     :param teacher: the cached ``(y_t, x_K^t)`` of the batch (:class:`TeacherTargets`); ``None``:
         measure with the teacher (noise seeded by ``seed``) and run it now.
+    :param unrolled: :func:`unrolled_loss` with its first four arguments bound, possibly compiled.
     """
-    weights, K = config.weights, config.iterations
     y_s = measure(task.student, x, seed=seed)
-    gamma_s, gamma_t = task.student_step_size, task.teacher_step_size
-    grad_from = K - config.truncate if config.unroll == "truncated" else 0
-    run = dict(trace=True, checkpoint=config.unroll == "checkpoint", autocast=config.autocast, grad_from=grad_from)
-    if config.method == "objective":
-        _, trace = pnp_fista(task.student, y_s, denoiser, gamma_s, K, npo, **run)
-        loss = objective_loss(task.student, trace, y_s)
-        return loss, {"objective": loss.item()}
-    y_t = teacher_out = teacher_trace = None
-    if weights.needs_teacher:
+    y_t = teacher_out = None
+    teacher_points = teacher_gradients = None
+    if config.method != "objective" and config.weights.needs_teacher:
         if teacher is not None and config.teacher_gradient == "student":
             y_t, teacher_out = teacher
         else:
             y_t = measure(task.teacher, x, seed=seed)
             with torch.no_grad():
-                teacher_out, teacher_trace = pnp_fista(task.teacher, y_t, denoiser, gamma_t, K, trace=True,
-                                                       autocast=config.autocast)
+                teacher_out, trace = pnp_fista(task.teacher, y_t, denoiser, task.teacher_step_size,
+                                               config.iterations, trace=True, autocast=config.autocast)
+            teacher_points, teacher_gradients = trace.z, trace.grad
+    if unrolled is None:
+        unrolled = functools.partial(unrolled_loss, config, task, npo, denoiser)
+    loss, terms = unrolled(x, y_s, y_t, teacher_out, teacher_points, teacher_gradients)
+    return loss, {name: value.item() for name, value in terms.items()}
+
+
+def unrolled_loss(config: TrainConfig, task: Task, npo, denoiser, x: torch.Tensor, y_s: torch.Tensor,
+                  y_t: torch.Tensor | None = None, teacher_out: torch.Tensor | None = None,
+                  teacher_points: list | None = None, teacher_gradients: list | None = None
+                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The student's unrolled run and the loss terms, from measurements already drawn.
+
+    No host synchronisation happens in here (terms stay tensors), so that ``torch.compile`` can
+    capture it whole — on a GPU with CUDA graphs (``train(..., compile=True)``).
+
+    :param teacher_points, teacher_gradients: the teacher's z_k and ∇f_t(z_k), for
+        ``teacher_gradient="teacher"`` only.
+    """
+    weights, K = config.weights, config.iterations
+    gamma_s = task.student_step_size
+    grad_from = K - config.truncate if config.unroll == "truncated" else 0
+    run = dict(trace=True, checkpoint=config.unroll == "checkpoint", autocast=config.autocast, grad_from=grad_from)
     _, student_trace = pnp_fista(task.student, y_s, denoiser, gamma_s, K, npo, **run)
+    if config.method == "objective":
+        loss = objective_loss(task.student, student_trace, y_s)
+        return loss, {"objective": loss}
     outputs = student_trace.x[K - config.tail:]  # x_{K−tail+1} … x_K
     terms: dict[str, torch.Tensor] = {}
     if weights.gradient > 0:
@@ -321,17 +342,17 @@ def _loss(config: TrainConfig, task: Task, npo, denoiser, x: torch.Tensor, seed:
             with torch.no_grad():
                 targets = [A_t.A_adjoint(A_t.A(z) - y_t) for z in student_trace.z]
         else:
-            targets = teacher_trace.grad
+            targets = teacher_gradients
             with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=config.autocast):
                 predicted = [npo(A_s.A_adjoint(A_s.A(z) - y_s), k, **({"iterate": z} if npo.uses_iterate else {}))
-                             for k, z in enumerate(teacher_trace.z)]
+                             for k, z in enumerate(teacher_points)]
         terms["gradient"] = gradient_loss(predicted, targets)
     if weights.imitation > 0:
         terms["imitation"] = sum(imitation_loss(out, teacher_out) for out in outputs) / len(outputs)
     if weights.supervised > 0:
         terms["supervised"] = sum(supervised_loss(out, x) for out in outputs) / len(outputs)
     loss = sum(getattr(weights, name) * value for name, value in terms.items())
-    return loss, {name: value.item() for name, value in terms.items()}
+    return loss, terms
 
 
 # --- run directories --------------------------------------------------------------------------------
@@ -404,7 +425,8 @@ def validation_points(config: TrainConfig, updates_per_epoch: int, total: int) -
 @locked_run_dir
 def train(config: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False, progress: bool = True,
           task: Task | None = None, train_images: torch.Tensor | None = None,
-          val_images: torch.Tensor | None = None, device: str | torch.device | None = "auto") -> dict:
+          val_images: torch.Tensor | None = None, device: str | torch.device | None = "auto",
+          compile: bool = False) -> dict:
     """Train a preconditioner; returns the summary (best validation PSNR, updates, seconds, paths).
 
     :param config: the run's settings.
@@ -414,6 +436,9 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = Fal
         instead of building them from ``config`` (the run is then reproducible only with the same ones).
     :param device: ``"auto"`` (a CUDA GPU when there is one), ``"cpu"`` or ``"cuda"`` — ignored
         when ``task`` is given (its device is used).
+    :param compile: run the unrolled loss through ``torch.compile`` — with CUDA graphs on a GPU
+        (``mode="reduce-overhead"``), where an eager step is launch-bound (thousands of small
+        kernels per update); the first updates then pay the compilation.
     :raises TrainingError: bad settings, a run directory of another run, a NaN loss, or a diverged run.
     :raises ~d2gp.checkpoints.LockedError: another process trains into ``run_dir``.
     """
@@ -434,6 +459,7 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = Fal
     write_json({"train": config.to_dict(), "task": task.config.to_dict(), "environment": environment(device),
                 "data": {"train": len(train_images), "val": len(val_images), "dataset": task.dataset},
                 "updates": {"total": total, "per_epoch": updates_per_epoch},
+                "runtime": {"device": str(device), "compile": bool(compile)},
                 "step_size": {"student": task.student_step_size, "teacher": task.teacher_step_size}},
                run_dir / "config.json")
 
@@ -455,6 +481,10 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = Fal
     teacher = TeacherTargets(task, denoiser, train_images, config.iterations, config.seed, progress=progress) \
         if cached else None
 
+    unrolled = functools.partial(unrolled_loss, config, task, npo, denoiser)
+    graphs = compile and device.type == "cuda"
+    if compile:
+        unrolled = torch.compile(unrolled, mode="reduce-overhead" if graphs else None, dynamic=False)
     writer = _tensorboard(run_dir) if config.tensorboard else None
     checkpoints = [p for p in validation_points(config, updates_per_epoch, total) if p > update]
     val_psnr = history[-1]["val_psnr"] if history else float("nan")
@@ -469,8 +499,10 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = Fal
             order = torch.randperm(len(train_images), generator=generator)
         index = order[step * config.batch_size:(step + 1) * config.batch_size]
         seed = int(torch.randint(2**31 - 1, (1,), generator=generator))
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         loss, terms = _loss(config, task, npo, denoiser, train_images[index.to(device)], seed,
-                            teacher[index.to(device)] if teacher is not None else None)
+                            teacher[index.to(device)] if teacher is not None else None, unrolled)
         if not torch.isfinite(loss):
             where = (f"the last good checkpoint {state_path} (update {history[-1]['update']}) is intact"
                      if history else "no checkpoint had been written yet")

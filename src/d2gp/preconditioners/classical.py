@@ -11,6 +11,11 @@ Booth 1999). Closed forms are picked automatically from the operator:
   :math:`H` the orthonormal 2D Walsh–Hadamard transform, so :math:`A^\top A = H^\top S^\top S H`
   is the orthogonal projector onto the measured rows and
   :math:`P = H \operatorname{diag}(1/(λ_i + δ)) H^\top` with :math:`λ_i ∈ \{0, 1\}`;
+* ``"binary"``: :class:`d2gp.tasks.spc.HadamardSPC` with {0, 1} patterns. In the Hadamard
+  domain :math:`c = Hx` every pattern adds the image mean: :math:`A^\top A = \tfrac{n}{4}(D +
+  u e_0^\top + e_0 u^\top + m\, e_0 e_0^\top)` with :math:`D = \operatorname{diag}(u)`,
+  :math:`u` the indicator of the measured rows and :math:`e_0` the constant row: a diagonal plus
+  a rank-two term, inverted exactly by the Sherman–Morrison–Woodbury formula (a 2×2 system);
 * ``"fourier"``: :class:`d2gp.tasks.mri.CartesianMRI` on real images, :math:`A^\top A x =
   \operatorname{Re} F^{-1} M F x = F^{-1} M_{\rm sym} F x` with the column mask symmetrised,
   :math:`M_{\rm sym}(k) = (M(k) + M(−k))/2 ∈ \{0, ½, 1\}` (a real image has a Hermitian
@@ -25,7 +30,7 @@ Booth 1999). Closed forms are picked automatically from the operator:
   :math:`h` is read off the operator itself (``A`` applied to the :math:`d^2` unit impulses of
   one decimation cell), so no assumption on deepinv's filter placement is needed. Computed in
   float64 (the :math:`1/δ` form cancels when :math:`δ` is small);
-* ``"cg"``: any other ``LinearPhysics`` (and ±{0,1} single-pixel patterns): conjugate
+* ``"cg"``: any other ``LinearPhysics``: conjugate
   gradients on :math:`(A^\top A + δI) p = g`, per image, a fixed budget of iterations with an
   early stop at a relative residual. Plain tensor operations (autograd goes through it).
 
@@ -243,6 +248,11 @@ class Newton(nn.Module):
             mask[physics.rows.to(device)] = 1.0
             self.register_buffer("inverse", (1.0 / (mask + self.delta)).reshape(H, W))
             return "projector"
+        if isinstance(physics, HadamardSPC) and physics.patterns == "binary":
+            if (H, W) != (physics.size, physics.size):
+                raise TaskError(f"Newton: shape {self.shape} does not match the {physics.size}×{physics.size} SPC")
+            self._build_binary(physics, device)
+            return "binary"
         if isinstance(physics, CartesianMRI):
             if (H, W) != (physics.size, physics.size):
                 raise TaskError(f"Newton: shape {self.shape} does not match the {physics.size}×{physics.size} MRI")
@@ -261,6 +271,23 @@ class Newton(nn.Module):
             self._build_woodbury(physics)
             return "woodbury"
         return "cg"
+
+    def _build_binary(self, physics, device: torch.device) -> None:
+        # In the Hadamard domain c = Hx, A c = (s/2)(S c + c_0 1_m): AᵀA = (s²/4)(D + u e₀ᵀ + e₀ uᵀ + m e₀e₀ᵀ),
+        # D = diag(u), u the indicator of the measured rows. Woodbury with Λ = (s²/4)D + δI, U = [u, e₀]
+        # and C = (s²/4)[[0, 1], [1, m]]: (Λ + UCUᵀ)⁻¹ = Λ⁻¹ − Λ⁻¹U (C⁻¹ + UᵀΛ⁻¹U)⁻¹ UᵀΛ⁻¹.
+        n, quarter = physics.size ** 2, physics.size ** 2 / 4.0
+        u = torch.zeros(n, dtype=torch.float64, device=device)
+        u[physics.rows.to(device)] = 1.0
+        lam_inv = 1.0 / (quarter * u + self.delta)
+        U = torch.zeros(n, 2, dtype=torch.float64, device=device)
+        U[:, 0], U[0, 1] = u, 1.0
+        C = quarter * torch.tensor([[0.0, 1.0], [1.0, float(physics.m)]], dtype=torch.float64, device=device)
+        lam_inv_U = lam_inv[:, None] * U
+        self.register_buffer("inverse", lam_inv)  # Λ⁻¹, (n,)
+        self.register_buffer("rows", u)  # u, (n,)
+        self.register_buffer("lowrank", lam_inv_U)  # Λ⁻¹U, (n, 2)
+        self.register_buffer("capacitance", torch.linalg.inv(torch.linalg.inv(C) + U.T @ lam_inv_U))  # (2, 2)
 
     def _build_woodbury(self, physics) -> None:
         C, H, W = self.shape
@@ -310,6 +337,14 @@ class Newton(nn.Module):
             from d2gp.tasks.spc import fwht2
 
             return fwht2(fwht2(g) * self.inverse.to(g.dtype))
+        if self.mode == "binary":
+            from d2gp.tasks.spc import fwht2
+
+            c = fwht2(g.double()).flatten(-2)  # (B, C, n)
+            t = c * self.inverse
+            w = torch.stack([(t * self.rows).sum(-1), t[..., 0]], dim=-1)  # Uᵀ Λ⁻¹ c
+            out = t - (w @ self.capacitance.T) @ self.lowrank.T
+            return fwht2(out.reshape(g.shape)).to(g.dtype)
         if self.mode == "fourier":
             spectrum = torch.fft.rfft(g, dim=-1) * self.inverse.to(g.dtype)
             return torch.fft.irfft(spectrum, n=g.shape[-1], dim=-1)

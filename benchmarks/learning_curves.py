@@ -1,0 +1,120 @@
+"""What a training budget buys: validation PSNR at K against the number of updates.
+
+For each task and method (D2GP, Supervised), one run of the task's ``--profile`` settings with
+``--updates`` updates at a **constant** learning rate after a short warm-up (a cosine schedule
+would tie every point of the curve to the run's total), validated at every power of two from 16
+on (``TrainConfig.val_points``). The tuned student baseline (its step size tuned on the same
+validation images, grid + golden-section search) and the teacher are horizontal lines; the
+update counts of the training profiles are marked on the axis, so the figure says where each
+profile sits. Writes ``table.md/csv``, ``results.json`` and ``learning_curves.png``.
+
+    python benchmarks/learning_curves.py --tasks spc mri --updates 4096 --out benchmarks/results/learning_curves
+"""
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from d2gp.apps import PROFILES, ensure_trained, profile_settings  # noqa: E402
+from d2gp.evaluation import evaluate_solver, tune_step_size  # noqa: E402
+from d2gp.reports import markdown_table, write_results  # noqa: E402
+from d2gp.tasks import make_task  # noqa: E402
+from d2gp.training import TrainConfig  # noqa: E402
+
+METHODS = {"d2gp": "D2GP", "supervised": "Supervised"}
+
+
+def profile_updates(profile: str, task: str) -> int:
+    """How many updates ``profile`` gives the NPO of ``task`` (the full training split counted)."""
+    config = TrainConfig(task=task, **profile_settings(profile, task))
+    if config.updates:
+        return config.updates
+    images = config.train_images or len(make_task(task).images("train"))
+    return config.epochs * math.ceil(images / config.batch_size)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", nargs="+", default=["spc", "mri"])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--profile", default="cpu", choices=list(PROFILES),
+                        help="the training settings (batch, images, learning rate) the curve extends")
+    parser.add_argument("--updates", type=int, default=4096)
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--val-images", type=int, default=None, help="validation images (default: the profile's)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--runs", default="runs/learning_curves")
+    parser.add_argument("--out", default="benchmarks/results/learning_curves")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    points = [2 ** i for i in range(4, int(math.log2(args.updates)) + 1)]
+    rows, results = [], {}
+    fig, axes = plt.subplots(1, len(args.tasks), figsize=(5.2 * len(args.tasks), 3.8), squeeze=False)
+    for ax, task_name in zip(axes[0], args.tasks):
+        settings = {**profile_settings(args.profile, task_name), "updates": args.updates, "schedule": "constant",
+                    "warmup": args.warmup, "val_points": points, "val_every": args.updates,
+                    **({"val_images": args.val_images} if args.val_images else {})}
+        curves = {}
+        for method in args.methods:
+            config = TrainConfig(task=task_name, seed=args.seed, method=method, **settings)
+            run_dir = ensure_trained(config, Path(args.runs) / task_name / f"{method}-seed{args.seed}", device=args.device)
+            log = _read_log(run_dir / "log.csv")
+            curves[method] = {int(row["update"]): float(row["val_psnr"]) for row in log}
+            summary = json.loads((run_dir / "summary.json").read_text())
+            results.setdefault(task_name, {})[method] = {"run": str(run_dir), "val_psnr": curves[method],
+                                                          "training_seconds": summary["training_seconds"]}
+        task = make_task(task_name, device=args.device)
+        config = TrainConfig(task=task_name, **settings)
+        val = task.images("val", limit=config.val_images)
+        denoiser = task.denoiser()
+        K = config.iterations
+        tuned, tuning = tune_step_size(task.student, val, denoiser, task.student_step_size, K)
+        baseline = tuning[f"{tuned:.6g}"]
+        teacher = float(evaluate_solver("teacher", task.teacher, val, denoiser, task.teacher_step_size, K,
+                                        progress=False).psnr[K].mean())
+        results[task_name]["baseline"] = {"step_size": tuned, "val_psnr": baseline, "tuning": tuning}
+        results[task_name]["teacher"] = {"val_psnr": teacher}
+        results[task_name]["profiles"] = {p: profile_updates(p, task_name) for p in PROFILES}
+        for update in sorted(set().union(*(c.keys() for c in curves.values()))):
+            rows.append([task_name, update, *(f"{curves[m].get(update, math.nan):.2f}" for m in args.methods),
+                         f"{baseline:.2f}", f"{teacher:.2f}"])
+        for method, curve in curves.items():
+            ax.plot(list(curve), list(curve.values()), marker="o", ms=3, label=METHODS[method])
+        ax.axhline(baseline, color="k", ls="--", lw=1, label=f"baseline, tuned γ ({baseline:.2f})")
+        ax.axhline(teacher, color="g", ls=":", lw=1, label=f"teacher ({teacher:.2f})")
+        for profile, updates in results[task_name]["profiles"].items():
+            if updates <= args.updates:
+                ax.axvline(updates, color="grey", lw=0.8, alpha=0.6)
+                ax.annotate(profile, (updates, ax.get_ylim()[0]), rotation=90, fontsize=7, va="bottom", ha="right")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("Adam updates")
+        ax.set_ylabel(f"validation PSNR at K = {K} (dB)")
+        ax.set_title(f"{task_name} ({args.profile} profile settings, constant lr)")
+        ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    out = Path(args.out)
+    header = ["task", "updates", *(f"{METHODS[m]} val PSNR (dB)" for m in args.methods), "baseline (tuned γ)", "teacher"]
+    print(markdown_table(header, rows))
+    write_results(out, header, rows, {"args": vars(args), "tasks": results})
+    fig.savefig(out / "learning_curves.png", dpi=130)
+
+
+def _read_log(path: Path) -> list[dict]:
+    import csv
+
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+if __name__ == "__main__":
+    main()
