@@ -68,7 +68,6 @@ References:
     Gualdrón-Hurtado et al., "Deep distillation gradient preconditioning for inverse problems",
     2025 (Sec. III-D, Figs. 3 and 4).
     Golub & Van Loan, "Matrix computations", 4th ed., 2013 (Lanczos, Ch. 10).
-    Hutchinson, "A stochastic estimator of the trace of the influence matrix", 1989.
 """
 
 from __future__ import annotations
@@ -87,9 +86,9 @@ from torch.func import jvp, vjp, vmap
 
 from d2gp.checkpoints import CheckpointError, write_json
 from d2gp.evaluation import psnr
-from d2gp.reports import markdown_table, write_results, write_table
+from d2gp.reports import environment, markdown_table, write_results, write_table
 from d2gp.solver import fidelity, pnp_fista
-from d2gp.tasks import Task, TaskError, make_task
+from d2gp.tasks import Task, TaskError
 from d2gp.tasks.base import measure
 
 __all__ = [
@@ -154,12 +153,15 @@ def _products(P, g: torch.Tensor, k: int, vectors: torch.Tensor, *, iterate, chu
         batched = vmap(one)
         for start in range(0, len(vectors), chunk):
             block = vectors[start:start + chunk]
-            try:
-                out[start:start + chunk] = batched(block).detach()
-            except (RuntimeError, NotImplementedError, ValueError):
-                # Data-dependent control flow (e.g. conjugate gradients' early stop) defeats vmap:
-                # the same products one vector at a time.
-                out[start:start + chunk] = torch.stack([one(v).detach() for v in block])
+            if batched is not None:
+                try:
+                    out[start:start + chunk] = batched(block).detach()
+                    continue
+                except (RuntimeError, NotImplementedError, ValueError):
+                    # Data-dependent control flow (e.g. conjugate gradients' early stop) defeats vmap:
+                    # the same products one vector at a time from here on.
+                    batched = None
+            out[start:start + chunk] = torch.stack([one(v).detach() for v in block])
     return out
 
 
@@ -381,9 +383,10 @@ def jacobian_properties(P, g: torch.Tensor, k: int, *, iterate: Optional[torch.T
 @dataclass
 class RangeBasis:
     r"""An orthonormal basis of :math:`\operatorname{range}(A^\top)` and the non-zero eigenvalues of
-    :math:`A^\top A` on it: :math:`A^\top A = V^\top \operatorname{diag}(λ) V` with V's rows orthonormal.
+    :math:`A^\top A` on it: :math:`A^\top A = V Λ V^\top` (V n×r, as in the module documentation).
 
-    :ivar vectors: ``(r, n)`` float64 (``None`` when only the eigenvalues were asked for).
+    :ivar vectors: :math:`V^\top`, ``(r, n)`` float64: the eigenvectors as rows (``None`` when only the
+        eigenvalues were asked for).
     :ivar eigenvalues: ``(r,)`` float64, descending.
     :ivar measurements: m, the number of (real) measurements.
     :ivar shape: the image shape (C, H, W).
@@ -410,7 +413,7 @@ def range_basis(physics, shape: Sequence[int], *, vectors: bool = True, rank_tol
     :math:`AA^\top` (m applications of :math:`A^\top`, then a float64 eigendecomposition).
 
     With :math:`AA^\top = U Λ U^\top` (rows of A: :math:`R = [A^\top e_i]_i`), the eigenvectors of
-    :math:`A^\top A` for the non-zero λ are the rows of :math:`V = Λ^{-1/2} U^\top R`. Eigenvalues
+    :math:`A^\top A` for the non-zero λ are the rows of :math:`V^\top = Λ^{-1/2} U^\top R`. Eigenvalues
     below ``rank_tol``·λ_max count as zero (e.g. a real image's Hermitian k-space duplicates).
 
     :param physics: the linear operator A (``A``, ``A_adjoint``).
@@ -486,7 +489,7 @@ def preconditioned_spectrum(basis: RangeBasis, P=None, g: Optional[torch.Tensor]
     if method != "krylov":
         raise ValueError(f"method must be 'dense' or 'krylov', got {method!r}")
 
-    def S(x):  # D Vᵀ... : S x = Λ^{1/2} V J Vᵀ Λ^{1/2} x
+    def S(x):  # S x = Λ^½ Vᵀ J V Λ^½ x (``V`` here holds Vᵀ)
         return root * (V @ jvp_columns(P, g, k, images(V.T @ (root * x)), iterate=iterate).reshape(-1).double())
 
     def St(x):
@@ -759,8 +762,6 @@ def convergence(benchmark_dir: str | os.PathLike, task: Task, out: str | os.Path
     rows = [[label, *[f"{c['psnr'][k]:.2f}" for k in ks], *[f"{c['fidelity'][k]:.3g}" for k in ks],
              *[f"{c['step_norm'][k - 1]:.3g}" for k in ks]] for label, c in curves.items()]
     write_table(header, rows, out / "convergence")
-    from d2gp.reports import environment
-
     write_json({"environment": environment(), "benchmark": str(benchmark_dir), "task": task.name, "iterations": K,
                 "horizon": horizon * K, "test_images": len(images), "benchmark_test_images": scored,
                 "seconds": time.perf_counter() - began, "skipped": skipped,
