@@ -11,7 +11,7 @@ from d2gp.cli import main
 
 
 def test_help_of_every_subcommand(capsys):
-    for command in ([], ["tasks"], ["datasets"], ["reconstruct"], ["train-denoiser"]):
+    for command in ([], ["tasks"], ["datasets"], ["reconstruct"], ["analyze"], ["train-denoiser"]):
         with pytest.raises(SystemExit) as exit_info:
             main([*command, "--help"])
         assert exit_info.value.code == 0

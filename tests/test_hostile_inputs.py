@@ -3,7 +3,7 @@
 What this module covers, row by row:
 * ``FLAG_CASES``: bad flag values of every command (negative or zero counts, K, batch sizes,
   threads, NPO and DnCNN architectures, λ weights, learning rates and their schedule, σ ranges,
-  task settings, devices, the safeguard's ρ, benchmark tasks/methods/seeds). Each must exit 2 with one line on stderr naming the problem,
+  task settings, devices, the safeguard's ρ, benchmark tasks/methods/seeds, analyze's counts). Each must exit 2 with one line on stderr naming the problem,
   before any data is loaded (``Task.images`` and ``Task.denoiser`` fail the test if called), and
   create nothing.
 * ``PATH_CASES``: impossible output paths (a file where a folder goes, a path under a file, an
@@ -122,6 +122,7 @@ TRAIN = ["train", "--task", "spc", "--out", "{tmp}/out"]
 DEN = ["train-denoiser", "--task", "spc", "--out", "{tmp}/out/d.pt"]
 BENCH = ["benchmark", "--out", "{tmp}/out", "--runs", "{tmp}/runs"]
 DEMO = ["demo", "--out", "{tmp}/out"]
+ANALYZE = ["analyze", "--task", "spc", "d2gp", "--out", "{tmp}/out"]
 
 FLAG_CASES = [
     (RECON + ["-K", "-5"], "argument --iterations/-K: must be an integer ≥ 1, got -5"),
@@ -215,6 +216,16 @@ FLAG_CASES = [
     (BENCH + ["--iterations", "0"], "argument --iterations/-K: must be an integer ≥ 1, got 0"),
     (BENCH + ["--profile", "huge"], "argument --profile: invalid choice: 'huge'"),
     (DEMO + ["--seed", "-1"], "argument --seed: must be an integer ≥ 0, got -1"),
+    (ANALYZE + ["--images", "0"], "argument --images: must be an integer ≥ 1, got 0"),
+    (ANALYZE + ["--sample", "0"], "argument --sample: must be an integer ≥ 1, got 0"),
+    (ANALYZE + ["--lanczos-steps", "0"], "argument --lanczos-steps: must be an integer ≥ 1, got 0"),
+    (ANALYZE + ["--krylov-steps", "-2"], "argument --krylov-steps: must be an integer ≥ 1, got -2"),
+    (ANALYZE + ["--fd-probes", "0"], "argument --fd-probes: must be an integer ≥ 1, got 0"),
+    (ANALYZE + ["--max-dense", "-1"], "argument --max-dense: must be an integer ≥ 0, got -1"),
+    (ANALYZE + ["--convergence-images", "-1"], "argument --convergence-images: must be an integer ≥ 0, got -1"),
+    (ANALYZE + ["--horizon", "0"], "argument --horizon: must be an integer ≥ 1, got 0"),
+    (ANALYZE + ["--at", "x"], "--at must be a comma-separated list of iterations, got 'x'"),
+    (["analyze", "--task", "spc", "{tmp}/missing.pt", "--out", "{tmp}/out"], "NPO weights file {tmp}/missing.pt does not exist"),
     (DEMO + ["--task", "ct"], "argument --task: invalid choice: 'ct'"),
 ]
 
@@ -246,6 +257,8 @@ PATH_CASES = [
     (["benchmark", "--out", "{file}", "--runs", "{tmp}/runs"], "--out {file} is a file, not a folder"),
     (["benchmark", "--out", "{tmp}/out", "--runs", "{file}/runs"], "--runs {file}/runs cannot be created"),
     (["benchmark", "--out", "{tmp}/out", "--runs", "{ro}/runs"], "--runs {ro}/runs cannot be written"),
+    (["analyze", "--task", "spc", "d2gp", "--out", "{file}"], "--out {file} is a file, not a folder"),
+    (["analyze", "--task", "spc", "d2gp", "--out", "{ro}/analysis"], "cannot be written"),
     (["train-denoiser", "--task", "spc", "--out", "{tmp}"], "--out {tmp} is a folder; give the path of a file"),
     (["train-denoiser", "--task", "spc", "--out", "{file}/d.pt"], "cannot be created: {file} is a file"),
     (["train-denoiser", "--task", "spc", "--out", "{ro}/d.pt"], "cannot be written"),

@@ -47,7 +47,7 @@ from d2gp.solver import pnp_fista
 from d2gp.tasks import TASKS, Task, make_task
 from d2gp.training import TrainConfig, load_npo
 
-__all__ = ["METHODS", "BENCHMARK_PROFILES", "benchmark", "Method"]
+__all__ = ["METHODS", "BENCHMARK_PROFILES", "benchmark", "Method", "classical_candidates"]
 
 
 @dataclass(frozen=True)
@@ -121,20 +121,25 @@ def _tune(task: Task, val: torch.Tensor, denoiser, K: int, candidates: dict[str,
     return P, gamma, {"chosen": name, "step_size": gamma, "val_psnr": record[name][f"{gamma:.6g}"], "tried": record}
 
 
-def _classical(name: str, task: Task, val: torch.Tensor, denoiser, K: int):
+def classical_candidates(name: str, task: Task) -> dict[str, Callable[[], torch.nn.Module | None]]:
+    """The candidate preconditioners a non-learned method is tuned over, by the names its tuning record uses
+    (``"identity"``, ``"delta=0.1·L"``, ``"lower=0.001"``, ``"l2"``…), each as a builder."""
     shape, L = task.image_shape, task.student_norm
     if name == "baseline":
-        return _tune(task, val, denoiser, K, {"identity": lambda: None}, task.student_step_size)
-    if name == "newton":  # the natural step of a Newton preconditioner is 1
-        return _tune(task, val, denoiser, K, {f"delta={d:g}·L": (lambda d=d: Newton(task.student, d * L, shape))
-                                              for d in NEWTON_DELTAS}, 1.0)
+        return {"identity": lambda: None}
+    if name == "newton":
+        return {f"delta={d:g}·L": (lambda d=d: Newton(task.student, d * L, shape)) for d in NEWTON_DELTAS}
     choice = name.split("-", 1)[1]
     if choice == "chebyshev":
-        candidates = {f"lower={lo:g}": (lambda lo=lo: Polynomial.from_choice(task.student, shape, "chebyshev", lower=lo, norm=L))
-                      for lo in CHEBYSHEV_LOWER}
-    else:
-        candidates = {choice: lambda: Polynomial.from_choice(task.student, shape, choice, norm=L)}
-    return _tune(task, val, denoiser, K, candidates, task.student_step_size)  # p(AᵀA/L) ≈ L (AᵀA)⁻¹: γ = 1/L
+        return {f"lower={lo:g}": (lambda lo=lo: Polynomial.from_choice(task.student, shape, "chebyshev", lower=lo, norm=L))
+                for lo in CHEBYSHEV_LOWER}
+    return {choice: lambda: Polynomial.from_choice(task.student, shape, choice, norm=L)}
+
+
+def _classical(name: str, task: Task, val: torch.Tensor, denoiser, K: int):
+    # The natural step of a Newton preconditioner is 1; p(AᵀA/L) ≈ L (AᵀA)⁻¹ and P = I take γ = 1/L.
+    base_step = 1.0 if name == "newton" else task.student_step_size
+    return _tune(task, val, denoiser, K, classical_candidates(name, task), base_step)
 
 
 @torch.no_grad()

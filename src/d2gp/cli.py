@@ -1,7 +1,7 @@
 """The ``d2gp`` command: parses arguments, then calls the library. No logic of its own.
 
-Subcommands: ``demo``, ``train``, ``evaluate``, ``reconstruct``, ``train-denoiser``, ``tasks``,
-``datasets``. Every task setting
+Subcommands: ``demo``, ``train``, ``evaluate``, ``reconstruct``, ``benchmark``, ``analyze``,
+``train-denoiser``, ``tasks``, ``datasets``. Every task setting
 is a flag (``--student-ratio 0.05``, ``--image-size 128``…), generated from the task
 configuration dataclasses, so the CLI and the Python API cannot drift apart.
 
@@ -322,6 +322,26 @@ def cmd_benchmark(args: argparse.Namespace) -> None:
     print(f"wrote {result['out']}/ (table.md, table.csv, results.json; per task: examples.png, psnr_curves.png)")
 
 
+def cmd_analyze(args: argparse.Namespace) -> None:
+    from d2gp.analysis import analyze
+
+    task = _task_from_args(args)
+    out = check_output_path(args.out or f"results/analyze-{task.name}", folder=True)
+    result = analyze(args.sources, task, out, at=args.at, images=args.images, split=args.split,
+                     benchmark=args.benchmark, runs=args.runs, linear=args.linear, max_dense=args.max_dense,
+                     jacobian_mode=args.jacobian, spectrum_mode=args.spectrum, sample=args.sample,
+                     lanczos_steps=args.lanczos_steps, krylov_steps=args.krylov_steps, fd_probes=args.fd_probes,
+                     convergence_images=args.convergence_images or None, horizon=args.horizon)
+    if "table" in result:
+        print("condition numbers on range(A_sᵀ) (teacher: on its own range):")
+        print(result["table"])
+    if "convergence" in result:
+        print(result["convergence"]["table"])
+        for skipped in result["convergence"]["skipped"]:
+            print(f"skipped {skipped['label']}: {skipped['reason']}")
+    print(f"wrote {out}/")
+
+
 #: Files that train-denoiser writes beside its weights file OUT: they are never a valid --out.
 _DENOISER_SIDE_FILES = {".json": "the metadata file", ".training": "the training checkpoint", ".lock": "the lock file"}
 
@@ -437,6 +457,39 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device_argument(p)
     _add_safeguard_argument(p)
     p.set_defaults(func=cmd_reconstruct)
+
+    from d2gp.analysis import LINEAR_CHOICES
+
+    p = sub.add_parser("analyze", help="exact Jacobians, conditioning and nonlinearity of preconditioners; "
+                                       "convergence of a benchmark's methods")
+    p.add_argument("sources", nargs="*", metavar="RUN|FILE|d2gp|supervised",
+                   help="preconditioners to analyse: `d2gp train` run directories, weights files, or the shipped "
+                        "d2gp / supervised NPOs")
+    _add_task_arguments(p)
+    p.add_argument("--at", default=None, help="comma-separated iterations k at which J_k is analysed "
+                                              "(default 0, K/2, K−1 of the first preconditioner's training K)")
+    p.add_argument("--images", type=_positive, default=1, help="test images whose trajectories give the gradients (default 1)")
+    p.add_argument("--split", default="test", choices=["val", "test"])
+    p.add_argument("--benchmark", default=None, help="a `d2gp benchmark` --out folder: its tuned linear preconditioners, "
+                                                     "and the convergence of all its methods (rerun, not retrained)")
+    p.add_argument("--runs", default=None, help="the benchmark's training runs (RUNS/TASK/METHOD-seedS), if moved")
+    p.add_argument("--linear", default="best", choices=list(LINEAR_CHOICES),
+                   help="linear preconditioner to compare with (default best: the benchmark's best linear method)")
+    p.add_argument("--max-dense", type=_non_negative, default=1024,
+                   help="dense Jacobian when n ≤ this; dense spectrum when rank(A) ≤ this or AᵀA is badly conditioned")
+    p.add_argument("--jacobian", default="auto", choices=["auto", "dense", "sampled"],
+                   help="dense J (n passes, exact) or sampled exact rows/columns + Lanczos")
+    p.add_argument("--spectrum", default="auto", choices=["auto", "dense", "krylov"],
+                   help="dense S (rank(A) passes, exact) or Lanczos on SᵀS (a lower bound on κ)")
+    p.add_argument("--sample", type=_positive, default=64, help="rows and columns sampled (--jacobian sampled)")
+    p.add_argument("--lanczos-steps", type=_positive, default=30, help="Lanczos steps for J's extreme singular values")
+    p.add_argument("--krylov-steps", type=_positive, default=40, help="Lanczos steps on SᵀS (--spectrum krylov)")
+    p.add_argument("--fd-probes", type=_positive, default=4, help="random directions of the finite-difference check")
+    p.add_argument("--convergence-images", type=_non_negative, default=8,
+                   help="test images of the convergence curves (0: all the benchmark scored)")
+    p.add_argument("--horizon", type=_positive, default=5, help="convergence to HORIZON·K iterations (default 5)")
+    p.add_argument("--out", default=None, help="output folder (default results/analyze-TASK)")
+    p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("train-denoiser", help="train the task's DnCNN denoiser (the PnP prior)")
     _add_task_arguments(p)
