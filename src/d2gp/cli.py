@@ -468,7 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_task_arguments(p)
     p.add_argument("--at", default=None, help="comma-separated iterations k at which J_k is analysed "
                                               "(default 0, K/2, K−1 of the first preconditioner's training K)")
-    p.add_argument("--images", type=_positive, default=1, help="test images whose trajectories give the gradients (default 1)")
+    p.add_argument("--images", type=int, default=1, help="test images whose trajectories give the gradients (default 1)")
     p.add_argument("--split", default="test", choices=["val", "test"])
     p.add_argument("--benchmark", default=None, help="a `d2gp benchmark` --out folder: its tuned linear preconditioners, "
                                                      "and the convergence of all its methods (rerun, not retrained)")
@@ -487,7 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fd-probes", type=_positive, default=4, help="random directions of the finite-difference check")
     p.add_argument("--convergence-images", type=_non_negative, default=8,
                    help="test images of the convergence curves (0: all the benchmark scored)")
-    p.add_argument("--horizon", type=_positive, default=5, help="convergence to HORIZON·K iterations (default 5)")
+    p.add_argument("--horizon", type=int, default=5, help="convergence to HORIZON·K iterations (default 5)")
     p.add_argument("--out", default=None, help="output folder (default results/analyze-TASK)")
     p.set_defaults(func=cmd_analyze)
 
