@@ -697,3 +697,14 @@ def test_evaluate_runs_refuses_zero_iterations(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"train": {"task": "spc"}, "task": {}}))
     with pytest.raises(CheckpointError, match="iterations must be ≥ 1, got 0"):
         evaluate_runs([tmp_path], iterations=0)
+
+
+def test_tasks_that_share_their_images_share_denoisers_without_a_warning(tmp_path):
+    import warnings
+
+    save_denoiser(build_dncnn(1, 3, 4), tmp_path / "d.pt", {"task": {"task": "spc-binary"}})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # spc-binary uses spc's denoiser: the same digits
+        denoisers.load_denoiser(tmp_path / "d.pt", task="spc")
+    with pytest.warns(UserWarning, match="trained for task 'spc-binary', not 'mri'"):
+        denoisers.load_denoiser(tmp_path / "d.pt", task="mri")

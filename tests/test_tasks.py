@@ -177,6 +177,15 @@ def test_wrong_image_shape_is_refused():
 
 
 def test_registry_and_config_roundtrip():
-    assert set(TASKS) == {"spc", "mri", "sr"}
+    assert set(TASKS) == {"spc", "mri", "sr", "spc-binary"}
     config = task_config("mri", image_size=128)
     assert config.to_dict()["image_size"] == 128 and config.to_dict()["task"] == "mri"
+
+
+def test_spc_binary_is_spc_with_dmd_patterns_and_spcs_denoiser():
+    binary, spc = make_task("spc-binary"), make_task("spc", patterns="binary")
+    assert binary.student.patterns == "binary" and binary.teacher.patterns == "pm1"
+    assert torch.equal(binary.student.rows, spc.student.rows)
+    assert binary.student_norm == pytest.approx(spc.student_norm)
+    den, ref = binary.denoiser(), spc.denoiser()
+    assert all(torch.equal(a, b) for a, b in zip(den.state_dict().values(), ref.state_dict().values()))

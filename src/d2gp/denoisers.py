@@ -101,6 +101,14 @@ def _architecture_of(state_dict: dict[str, torch.Tensor], path: Path) -> dict[st
     return {"channels": int(weight.shape[1]), "depth": len(layers) + 2, "features": int(weight.shape[0])}
 
 
+def _images_of(task: str) -> str:
+    """The task whose shipped denoiser ``task`` uses (its own name for most): tasks with the same one
+    denoise the same images."""
+    from d2gp.tasks import TASKS
+
+    return getattr(TASKS.get(task), "shipped_denoiser", "") or task
+
+
 def _check_architecture(architecture: dict, state_dict: dict, path: Path) -> dict[str, int]:
     """The architecture of a weights file, checked against its tensors and :data:`MAX_PARAMETERS`
     before a DnCNN of that size is allocated."""
@@ -121,8 +129,9 @@ def load_denoiser(source: str | os.PathLike, channels: int | None = None, task: 
 
     :param source: ``"spc"``, ``"mri"``, ``"sr"`` or a path.
     :param channels: if given, the number of image channels the denoiser must have.
-    :param task: if given, the task it is loaded for: a file whose training metadata names
-        another task loads with a warning naming that task.
+    :param task: if given, the task it is loaded for: a file whose training metadata names a task
+        of other images loads with a warning naming that task (tasks that share a shipped denoiser,
+        like ``spc`` and ``spc-binary``, share their images).
     :raises CheckpointError: the file is missing, corrupt, not DnCNN weights, has other channels,
         declares another architecture than its tensors, is too large, or holds non-finite weights.
     """
@@ -150,7 +159,7 @@ def load_denoiser(source: str | os.PathLike, channels: int | None = None, task: 
                               f"train it again with a lower --lr")
     training = data.get("training") if isinstance(data.get("training"), dict) else {}
     trained_for = training.get("task", {}).get("task") if isinstance(training.get("task"), dict) else None
-    if task is not None and isinstance(trained_for, str) and trained_for != task:
+    if task is not None and isinstance(trained_for, str) and _images_of(trained_for) != _images_of(task):
         warnings.warn(f"the denoiser {path} was trained for task {trained_for!r}, not {task!r}", stacklevel=2)
     if channels is not None and architecture["channels"] != channels:
         raise CheckpointError(

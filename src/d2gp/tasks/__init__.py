@@ -12,16 +12,16 @@ import dataclasses
 
 from d2gp.tasks.base import Task, TaskConfig, TaskError
 from d2gp.tasks.mri import CartesianMRI, MRIConfig
-from d2gp.tasks.spc import HadamardSPC, SPCConfig
+from d2gp.tasks.spc import HadamardSPC, SPCBinaryConfig, SPCConfig
 from d2gp.tasks.sr import SRConfig
 
 __all__ = [
     "TASKS", "Task", "TaskConfig", "TaskError", "make_task", "task_config",
-    "SPCConfig", "MRIConfig", "SRConfig", "HadamardSPC", "CartesianMRI",
+    "SPCConfig", "SPCBinaryConfig", "MRIConfig", "SRConfig", "HadamardSPC", "CartesianMRI",
 ]
 
 #: Registry of task names and their configuration classes.
-TASKS: dict[str, type[TaskConfig]] = {cls.name: cls for cls in (SPCConfig, MRIConfig, SRConfig)}
+TASKS: dict[str, type[TaskConfig]] = {cls.name: cls for cls in (SPCConfig, MRIConfig, SRConfig, SPCBinaryConfig)}
 
 
 def task_config(name: str, **overrides) -> TaskConfig:

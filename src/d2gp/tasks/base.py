@@ -45,6 +45,8 @@ class TaskConfig:
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     channels: ClassVar[int] = 1
+    #: the task whose shipped denoiser this one uses (default: its own name)
+    shipped_denoiser: ClassVar[str] = ""
 
     image_size: int = spec(32, "side of the square images, in pixels")
     noise_sigma: float = spec(0.01, "std of the additive Gaussian noise on the measurements")
@@ -271,6 +273,6 @@ class Task:
 
         from d2gp.device import prepare
 
-        model = prepare(load_denoiser(self.config.denoiser or self.name, channels=self.image_shape[0], task=self.name),
-                        self.device)
+        source = self.config.denoiser or self.config.shipped_denoiser or self.name
+        model = prepare(load_denoiser(source, channels=self.image_shape[0], task=self.name), self.device)
         return model if self.config.denoiser_scale == 1 else ScaledDenoiser(model, self.config.denoiser_scale)

@@ -36,7 +36,7 @@ from deepinv.physics import singlepixel as dsp
 
 from d2gp.tasks.base import TaskConfig, TaskError, spec
 
-__all__ = ["HadamardSPC", "hadamard_rows", "ORDERINGS", "SPCConfig"]
+__all__ = ["HadamardSPC", "hadamard_rows", "ORDERINGS", "SPCConfig", "SPCBinaryConfig"]
 
 ORDERINGS = ("zig_zag", "radial", "cake_cutting", "xy", "sequency")
 PATTERNS = ("pm1", "binary")
@@ -191,3 +191,18 @@ class SPCConfig(TaskConfig):
             f"{self.image_size}×{self.image_size} SPC, {self.ordering} order: student {self.m(self.student_ratio)}/{n} "
             f"{self.patterns} rows, teacher {self.m(self.teacher_ratio)}/{n} pm1 rows"
         )
+
+
+@dataclass
+class SPCBinaryConfig(SPCConfig):
+    """The ill-conditioned single-pixel camera: the student displays 10 % {0, 1} micromirror patterns, the
+    teacher measures 50 % orthonormal ±1 rows. Every {0, 1} pattern also measures the image mean, so
+    AᵀA has a condition number ≈ (m+4)²/4 on its range (2.8·10³ here): PnP-FISTA with P = I is far from
+    converged after 20 iterations — the case a preconditioner is for. The same as ``spc`` with
+    ``--patterns binary``, as a task of its own (a column of Table I); it uses ``spc``'s denoiser."""
+
+    name = "spc-binary"
+    description = "single-pixel camera, {0,1} DMD patterns (student 10 %) vs ±1 rows (teacher 50 %)"
+    shipped_denoiser = "spc"
+
+    patterns: str = spec("binary", "student patterns: 'binary' ({0,1}, DMD) or 'pm1'; the teacher is always ±1")
