@@ -187,3 +187,59 @@ def test_safeguard_needs_rho_at_least_one():
     task, y = _spc_problem()
     with pytest.raises(ValueError, match="safeguard"):
         pnp_fista(task.student, y, torch.tanh, 1.0, 2, lambda g, k: g, safeguard=0.5)
+
+
+def _speed_restart_loop(physics, y, den, gamma, K, P):
+    """An independent loop of PnP-FISTA with O'Donoghue & Candès's speed restart, one image at a time."""
+    outs = []
+    for i in range(len(y)):
+        yi = y[i:i + 1]
+        x = gamma * physics.A_adjoint(yi)
+        z, t, last, restarts = x, 1.0, math.inf, []
+        for k in range(K):
+            x_new = den(z - gamma * P(physics.A_adjoint(physics.A(z) - yi), k))
+            r = float((x_new - x).norm())
+            t_new = (1 + math.sqrt(1 + 4 * t * t)) / 2
+            if r > last:
+                restarts.append(k)
+                z, t = x_new, 1.0
+            else:
+                z, t = x_new + ((t - 1) / t_new) * (x_new - x), t_new
+            x, last = x_new, r
+        outs.append((x, restarts))
+    return torch.cat([o for o, _ in outs]), [r for _, r in outs]
+
+
+def test_restart_matches_an_independent_loop_and_resets_where_steps_grow():
+    """γ = 1.8/L with momentum oscillates: restart resets it where a step grows, per image."""
+    task, y = _spc_problem()
+    den = lambda v: 0.9 * v.clamp(0, 1)  # noqa: E731
+    gamma, K = 1.8 * task.student_step_size, 15
+    P = lambda g, k: g  # noqa: E731
+    with torch.no_grad():
+        restarted = pnp_fista(task.student, y, den, gamma, K, P, restart=True)
+        plain = pnp_fista(task.student, y, den, gamma, K, P)
+        expected, restarts = _speed_restart_loop(task.student, y, den, gamma, K, P)
+    torch.testing.assert_close(restarted, expected, rtol=1e-5, atol=1e-6)
+    assert all(restarts) and (restarted - plain).abs().max() > 1e-3  # it did restart, and that changed x_K
+
+
+def test_restart_leaves_shrinking_steps_alone():
+    """A contraction (identity denoiser scaled by ½, small γ): every step is shorter than the last, no restart."""
+    task, y = _spc_problem()
+    den = lambda v: 0.5 * v  # noqa: E731
+    with torch.no_grad():
+        _, restarts = _speed_restart_loop(task.student, y, den, 0.5 * task.student_step_size, 10, lambda g, k: g)
+        restarted = pnp_fista(task.student, y, den, 0.5 * task.student_step_size, 10, restart=True)
+        plain = pnp_fista(task.student, y, den, 0.5 * task.student_step_size, 10)
+    assert restarts == [[]] * len(y)
+    torch.testing.assert_close(restarted, plain, rtol=1e-6, atol=1e-7)
+
+
+def test_restart_with_the_safeguard_and_under_autograd():
+    task, y = _spc_problem()
+    scale = torch.tensor(1.0, requires_grad=True)
+    out = pnp_fista(task.student, y, lambda v: 0.9 * v.clamp(0, 1), 1.5 * task.student_step_size, 8,
+                    lambda g, k: scale * g, safeguard=2.0, restart=True)
+    out.sum().backward()
+    assert scale.grad is not None and torch.isfinite(scale.grad)

@@ -101,6 +101,7 @@ def evaluate_solver(
     examples_at: int | None = None,
     progress: bool = True,
     safeguard: float | None = None,
+    restart: bool = False,
 ) -> SolverRun:
     """Measure ``images`` with ``physics`` (noise seeded per image), run PnP-FISTA, score every iteration.
 
@@ -108,6 +109,7 @@ def evaluate_solver(
     iterations listed in ``ssim_at``. ``keep_examples`` reconstructions are kept at iteration
     ``examples_at`` (default K). ``safeguard`` is the solver's ρ (:func:`~d2gp.solver.pnp_fista`);
     then ``run.active[k]`` is the fraction of images still preconditioned after k iterations.
+    ``restart`` is the solver's adaptive momentum restart.
     """
     began = time.perf_counter()
     run = SolverRun(label, iterations)
@@ -127,7 +129,7 @@ def evaluate_solver(
         y = measure(physics, x_true, seed=noise_seed, offset=start)
         x0 = step_size * physics.A_adjoint(y)
         _, trace = pnp_fista(physics, y, denoiser, step_size, iterations, preconditioner, x0=x0, trace=True,
-                             safeguard=safeguard)
+                             safeguard=safeguard, restart=restart)
         for k, active in enumerate(trace.active):
             active_sum[k] += float(active.sum())
         estimates = [x0, *trace.x]
@@ -172,7 +174,8 @@ def golden_section_max(f: Callable[[float], float], low: float, high: float, eva
 @torch.no_grad()
 def tune_step_size(physics, images: torch.Tensor, denoiser, base_step: float, iterations: int,
                    factors: Sequence[float] = (0.5, 0.75, 1.0, 1.5, 2.0, 3.0), noise_seed: int = 10_000,
-                   preconditioner=None, refine: int = 6, tried: dict | None = None) -> tuple[float, dict]:
+                   preconditioner=None, refine: int = 6, tried: dict | None = None,
+                   restart: bool = False) -> tuple[float, dict]:
     """Pick γ = f·base_step with the best mean PSNR at K on ``images`` (a validation split).
 
     Every factor of the grid ``factors`` is tried, then ``refine`` more by golden-section search
@@ -180,6 +183,7 @@ def tune_step_size(physics, images: torch.Tensor, denoiser, base_step: float, it
     the iteration diverges), so that the choice is not limited by the grid's spacing.
 
     :param tried: a record of an earlier call with the same problem (γ → PSNR): those γ are not run again.
+    :param restart: tune the solver with adaptive momentum restart (:func:`~d2gp.solver.pnp_fista`).
     :return: the chosen γ and the PSNR of every tried γ (the tuning record).
     """
     record = dict(tried or {})
@@ -188,7 +192,8 @@ def tune_step_size(physics, images: torch.Tensor, denoiser, base_step: float, it
         key = f"{factor * base_step:.6g}"
         if key not in record:
             run = evaluate_solver("tune", physics, images, denoiser, factor * base_step, iterations,
-                                  preconditioner=preconditioner, noise_seed=noise_seed, progress=False)
+                                  preconditioner=preconditioner, noise_seed=noise_seed, progress=False,
+                                  restart=restart)
             value = float(run.psnr[iterations].mean())
             record[key] = value if math.isfinite(value) else float("-inf")
         return record[key]
