@@ -8,7 +8,7 @@ import pytest
 from d2gp.apps import PROFILES, announce, demo, evaluate_runs, evaluation_dir, profile_settings
 from d2gp.checkpoints import CheckpointError
 from d2gp.cli import main
-from d2gp.training import TrainingError
+from d2gp.training import TrainConfig, TrainingError
 
 TINY = dict(train_images=16, val_images=8, epochs=1, iterations=2, batch_size=8, npo={"width": 8, "blocks": 1})
 FILES = ["examples.png", "psnr_curves.png", "results.json", "table.csv", "table.md"]
@@ -44,8 +44,19 @@ def test_demo_reuses_finished_runs_and_never_overwrites_another(tiny_demo):
 def test_evaluate_command_writes_where_the_demo_does(tiny_demo, capsys):
     out, _ = tiny_demo
     assert main(["evaluate", str(out / "d2gp"), str(out / "supervised"), "--limit", "4"]) == 0
-    assert json.loads((out / "evaluation" / "results.json").read_text())["images"] == 4
+    results = json.loads((out / "evaluation" / "results.json").read_text())
+    assert results["images"] == 4 and results["restart"] is True  # evaluate restarts by default
     assert f"wrote {out / 'evaluation'}/" in capsys.readouterr().out
+
+
+def test_evaluate_without_restart_is_the_plain_solver(tiny_demo, tmp_path):
+    out, _ = tiny_demo
+    plain = evaluate_runs([out / "d2gp"], limit=4, out=tmp_path / "plain", progress=False, restart=False)
+    assert main(["evaluate", str(out / "d2gp"), "--limit", "4", "--no-restart", "--out", str(tmp_path / "cli")]) == 0
+    again = json.loads((tmp_path / "cli" / "results.json").read_text())
+    assert plain["results"]["restart"] is False and again["restart"] is False
+    assert [m["psnr_per_iteration"] for m in again["methods"]] == \
+        [m["psnr_per_iteration"] for m in json.loads((tmp_path / "plain" / "results.json").read_text())["methods"]]
 
 
 def test_evaluating_one_run_writes_into_it_and_says_each_phase(tiny_demo, capsys):
@@ -104,8 +115,13 @@ def test_evaluation_dir_is_said_in_the_help(capsys):
 def test_profiles_are_per_task():
     assert profile_settings("quick", "spc") == PROFILES["quick"]
     mri = profile_settings("quick", "mri")
-    assert mri["batch_size"] < 32 and mri["train_images"] < PROFILES["quick"]["train_images"]
-    assert profile_settings("full", "sr") == PROFILES["full"]
+    assert mri["batch_size"] < PROFILES["quick"]["batch_size"] and mri["updates"] < PROFILES["quick"]["updates"]
+    assert profile_settings("paper", "sr") == PROFILES["paper"] and PROFILES["paper"]["epochs"] >= 30
+    for name in PROFILES:  # every profile trains the way that stays stable past K
+        for task in ("spc", "mri", "sr"):
+            config = TrainConfig(task=task, **profile_settings(name, task))
+            config.validate()
+            assert config.loss_tail == 10 and config.schedule == "cosine" and config.grad_clip
     with pytest.raises(CheckpointError, match="unknown profile 'huge'"):
         profile_settings("huge", "spc")
 

@@ -26,18 +26,32 @@ from d2gp.training import TrainConfig, load_npo, saved_train_config, train
 __all__ = ["evaluate_runs", "evaluation_dir", "demo", "ensure_trained", "announce", "announce_training",
            "profile_settings", "PROFILES", "TASK_PROFILES", "HORIZONS"]
 
-#: Training profiles: ``quick`` fits the demo's 15-minute CPU budget; ``full`` is for real runs.
+#: Training profiles: the budget (and its schedule) a preset gives a learned preconditioner.
+#:
+#: * ``quick``: the demo — D2GP and Supervised on SPC, trained and evaluated in about 10 minutes on
+#:   2 CPU cores (``benchmarks/results/demo-spc/time.json``), under 3 GB of memory;
+#: * ``cpu``: the longest budget a laptop affords — about an hour per preconditioner for the three
+#:   tasks on 2 cores (SPC 600 updates of 16 images, MRI and SR 300 of 4); validated at every power
+#:   of two (the learning curve) and every 100 updates;
+#: * ``paper``: every training image, 30 epochs of 32 — for a GPU.
+#:
+#: All of them keep :class:`~d2gp.training.TrainConfig`'s defaults for what keeps a learned
+#: preconditioner stable past K (``benchmarks/results/stability``): the loss over the last 10
+#: iterates (``tail``), cosine decay after the warm-up, gradient clipping.
 PROFILES = {
-    "quick": dict(train_images=512, val_images=64, epochs=4),
-    "full": dict(train_images=None, val_images=200, epochs=30),
+    "quick": dict(train_images=2000, val_images=32, batch_size=8, updates=160, val_every=40, warmup=10),
+    "cpu": dict(train_images=None, val_images=64, batch_size=16, updates=600, val_every=100, warmup=30,
+                val_points=[16, 32, 64, 128, 256, 512, 1024]),
+    "paper": dict(train_images=None, val_images=200, batch_size=32, epochs=30, warmup=100),
 }
 
-#: Per-task changes to a profile. One full-unroll step on a 64×64 image costs ~5× one on a 32×32
-#: digit on 2 CPU cores (MRI ~40 s, SR ~28 s per batch of 32), so the quick MRI and SR runs see
-#: fewer images in smaller batches (more updates for the same ~5 minutes).
+#: Per-task changes to a profile: one update on a 64×64 image costs about 4× one on a 32×32 digit,
+#: so MRI and SR take fewer images per update (and the quick demo on them fewer updates).
 TASK_PROFILES = {
-    ("quick", "mri"): dict(train_images=120, epochs=2, batch_size=8),
-    ("quick", "sr"): dict(train_images=160, epochs=2, batch_size=8),
+    ("quick", "mri"): dict(batch_size=4, updates=80, val_every=20, val_images=16),
+    ("quick", "sr"): dict(batch_size=4, updates=80, val_every=20, val_images=16),
+    ("cpu", "mri"): dict(batch_size=4, updates=300, val_images=32),
+    ("cpu", "sr"): dict(batch_size=4, updates=300, val_images=32),
 }
 
 
@@ -125,14 +139,17 @@ def evaluation_dir(run_dirs: Sequence[str | os.PathLike]) -> Path:
 def evaluate_runs(run_dirs: Sequence[str | os.PathLike], *, split: str = "test", limit: int | None = None,
                   iterations: int | None = None, out: str | os.PathLike | None = None, batch_size: int = 64,
                   examples: int = 4, progress: bool = True, device: str | None = "auto",
-                  safeguard: float | None = None, horizons: Sequence[int] = HORIZONS) -> dict:
+                  safeguard: float | None = None, horizons: Sequence[int] = HORIZONS, restart: bool = True) -> dict:
     """Compare trained NPOs with the student baseline (step tuned on validation) and the teacher.
 
     Every method runs to 5K iterations (K = the runs' training K unless ``iterations``; other
     multiples of K with ``horizons``), so the table shows PSNR at K and whether it holds at 2K and
     5K. All runs must be of the same task settings. With ``safeguard`` (ρ), each trained
     preconditioner is also run with the solver's safeguard (:func:`~d2gp.solver.pnp_fista`), as an
-    extra row. The results go to ``out``, by default :func:`evaluation_dir` of the runs.
+    extra row. With ``restart`` (the default), every method — the baseline, whose γ is tuned so,
+    included — runs with the solver's adaptive momentum restart, which keeps both the tuned
+    baseline and the learned preconditioners stable past K (``benchmarks/results/stability``).
+    The results go to ``out``, by default :func:`evaluation_dir` of the runs.
     """
     run_dirs = [Path(d) for d in run_dirs]
     configs = [_run_config(d) for d in run_dirs]
@@ -157,8 +174,8 @@ def evaluate_runs(run_dirs: Sequence[str | os.PathLike], *, split: str = "test",
     val = task.images("val", limit=train_config.val_images)
 
     announce(f"tuning the student baseline's step size γ on {len(val)} validation images at K = {K} "
-             f"(a grid, then golden-section search)", progress)
-    tuned, tuning = tune_step_size(task.student, val, denoiser, task.student_step_size, K)
+             f"(a grid, then golden-section search){', with adaptive restart' if restart else ''}", progress)
+    tuned, tuning = tune_step_size(task.student, val, denoiser, task.student_step_size, K, restart=restart)
     announce(f"baseline step γ = {tuned:.4g} ({tuned / task.student_step_size:.2f} × the task's γ)", progress)
     methods = [("student baseline", task.student, tuned, None, None)]
     per_method = [c["train"]["method"] for c in configs]
@@ -177,7 +194,7 @@ def evaluate_runs(run_dirs: Sequence[str | os.PathLike], *, split: str = "test",
     for label, physics, step, preconditioner, rho in methods:
         runs.append(evaluate_solver(label, physics, images, denoiser, step, horizon, preconditioner=preconditioner,
                                     ssim_at=(K,), batch_size=batch_size, keep_examples=examples, examples_at=K,
-                                    progress=progress, safeguard=rho))
+                                    progress=progress, safeguard=rho, restart=restart))
     header = ["method", f"PSNR K={K} (dB)", f"SSIM K={K}", *(f"PSNR {h}K={h * K} (dB)" for h in multiples[1:]),
               "step size γ", "seconds"]
     rows = [[run.label, format_mean_std(run.psnr[K]), format_mean_std(run.ssim[K], 3),
@@ -185,7 +202,7 @@ def evaluate_runs(run_dirs: Sequence[str | os.PathLike], *, split: str = "test",
             for run, (_, _, step, _, _) in zip(runs, methods)]
     results = {
         "task": task.name, "split": split, "images": len(images), "iterations": K, "horizons": horizons,
-        "runs": [str(d) for d in run_dirs], "baseline_step_tuning": {"chosen": tuned, "val_psnr_by_step": tuning},
+        "runs": [str(d) for d in run_dirs], "restart": restart, "baseline_step_tuning": {"chosen": tuned, "val_psnr_by_step": tuning},
         "methods": [{**run.summary(), "step_size": step, "safeguard": rho}
                     for run, (_, _, step, _, rho) in zip(runs, methods)],
     }
@@ -193,12 +210,14 @@ def evaluate_runs(run_dirs: Sequence[str | os.PathLike], *, split: str = "test",
     write_results(out, header, rows, results, device=task.device)
     examples_figure(images, runs, K, out / "examples.png", f"{task.name}: PnP-FISTA, K = {K}")
     psnr_curves({run.label: run.summary()["psnr_per_iteration"] for run in runs}, out / "psnr_curves.png",
-                title=f"{task.name}: PSNR over iterations (trained for K = {K})", train_iterations=K)
+                title=f"{task.name}: PSNR over iterations (trained for K = {K}"
+                      f"{'; adaptive restart' if restart else ''})", train_iterations=K)
     return {"table": markdown_table(header, rows), "results": results, "out": str(out)}
 
 
 def demo(out: str | os.PathLike = "runs/demo", task: str = "spc", profile: str = "quick", seed: int = 0,
          resume: bool = True, progress: bool = True, limit: int | None = None, device: str | None = "auto",
+         restart: bool = True,
          **overrides) -> dict:
     """The main job: train D2GP and Supervised NPOs with ``profile``, then evaluate them on the test split.
 
@@ -213,4 +232,4 @@ def demo(out: str | os.PathLike = "runs/demo", task: str = "spc", profile: str =
              f"the student baseline and the teacher on the test split", progress)
     run_dirs = [ensure_trained(replace(base, method=method), out / method, resume=resume, progress=progress,
                                device=device) for method in ("d2gp", "supervised")]
-    return evaluate_runs(run_dirs, limit=limit, progress=progress, device=device)
+    return evaluate_runs(run_dirs, limit=limit, progress=progress, device=device, restart=restart)

@@ -110,11 +110,16 @@ def _add_device_argument(parser: argparse.ArgumentParser) -> None:
                              "cuda:N (default auto)")
 
 
-def _add_safeguard_argument(parser: argparse.ArgumentParser) -> None:
+def _add_safeguard_argument(parser: argparse.ArgumentParser, restart: bool) -> None:
     parser.add_argument("--safeguard", type=_rho, default=None, metavar="RHO",
                         help="also run each learned preconditioner with the solver's safeguard: a step whose residual "
                              "‖x_{k+1} − x_k‖ exceeds RHO × the smallest so far is rejected and that image continues "
                              "as plain PnP-FISTA (e.g. 2)")
+    parser.add_argument("--restart", action=argparse.BooleanOptionalAction, default=restart,
+                        help="adaptive momentum restart in every method's solver: FISTA's momentum is reset for an "
+                             "image whose step ‖x_{k+1} − x_k‖ grew; keeps the tuned baseline and the learned "
+                             f"preconditioners stable past K (default {'on' if restart else 'off'}; off is the paper's "
+                             "plain PnP-FISTA)")
 
 
 # Training settings that get a flag of their own (the others are set by the profile or the API).
@@ -143,8 +148,9 @@ _TRAIN_FLAGS = {
     "schedule": "learning-rate schedule: cosine (warm-up, then cosine decay), plateau or constant",
     "warmup": "updates of linear learning-rate warm-up (cosine and constant schedules)",
     "final_lr_ratio": "the cosine schedule ends at this fraction of the learning rate",
-    "grad_clip": "clip the gradient norm to this value (default: no clipping)",
-    "tail": "the imitation and supervised losses average over the last TAIL iterates x_{K-TAIL+1} … x_K",
+    "grad_clip": "clip the gradient norm to this value",
+    "tail": "the imitation and supervised losses average over the last TAIL iterates x_{K-TAIL+1} … x_K; "
+             "1 is the paper's loss on x_K alone (None: min(10, K))",
     "teacher_cache": "compute the teacher's targets once per training image instead of every update",
 }
 _NPO_FLAGS = {
@@ -261,7 +267,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> None:
     precision("evaluation", task.device)
     runs = [evaluate_solver(label, physics, images, denoiser, step, args.iterations, preconditioner=preconditioner,
                             ssim_at=ks, noise_seed=args.noise_seed, batch_size=args.batch_size,
-                            keep_examples=args.examples, safeguard=rho)
+                            keep_examples=args.examples, safeguard=rho, restart=args.restart)
             for label, physics, step, preconditioner, rho in methods]
 
     rows = [[run.label, k, format_mean_std(run.psnr[k]), format_mean_std(run.ssim[k], 3)] for run in runs for k in ks]
@@ -297,7 +303,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
     check_output_path(args.out or evaluation_dir(args.runs), folder=True)
     result = evaluate_runs(args.runs, split=args.split, limit=args.limit, iterations=args.iterations, out=args.out,
-                           batch_size=args.batch_size, device=args.device, safeguard=args.safeguard)
+                           batch_size=args.batch_size, device=args.device, safeguard=args.safeguard,
+                           restart=args.restart)
     print(result["table"])
     print(f"wrote {result['out']}/ (table.md, table.csv, results.json, examples.png, psnr_curves.png)")
 
@@ -381,6 +388,8 @@ def cmd_train_denoiser(args: argparse.Namespace) -> None:
 
 # --- parser -------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
+    from d2gp.apps import PROFILES
+
     parser = _Parser(prog="d2gp", description=(
         "D2GP: learned nonlinear preconditioners for plug-and-play FISTA (single-pixel camera, MRI, "
         "super-resolution)."))
@@ -389,7 +398,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the main job: train D2GP and Supervised NPOs, evaluate, print the table")
     p.add_argument("--task", choices=list(TASKS), default="spc", help="task (default spc)")
-    p.add_argument("--profile", choices=["quick", "full"], default="quick", help="quick: the README's main job")
+    p.add_argument("--profile", choices=list(PROFILES), default="quick",
+                   help="quick: the README's main job (about 10 min on 2 CPU cores); cpu: about an hour per "
+                        "method on 2 cores; paper: for a GPU")
     p.add_argument("--seed", type=_non_negative, default=0)
     p.add_argument("--out", default="runs/demo",
                    help="output folder (default runs/demo): the runs in OUT/d2gp and OUT/supervised (finished ones "
@@ -431,7 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output folder (default: evaluation/ in the deepest folder holding all the RUNs: "
                         "RUN/evaluation for one run, runs/evaluation for runs/a runs/b)")
     _add_device_argument(p)
-    _add_safeguard_argument(p)
+    _add_safeguard_argument(p, restart=True)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("tasks", help="list the tasks, their operators and default settings")
@@ -455,7 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--examples", type=_positive, default=4, help="images in the PNG grid (default 4)")
     p.add_argument("--out", default=None, help="output folder (default results/reconstruct-TASK)")
     _add_device_argument(p)
-    _add_safeguard_argument(p)
+    _add_safeguard_argument(p, restart=False)
     p.set_defaults(func=cmd_reconstruct)
 
     from d2gp.analysis import LINEAR_CHOICES

@@ -11,9 +11,10 @@ One training update on a batch x:
    (``unroll``: ``full`` backpropagation, ``checkpoint`` — the same gradients with per-iteration
    recomputation, less memory — or ``truncated``: only the last ``truncate`` iterations);
 4. L = λ_g L_g + λ_i L_i + λ_s L_s (:mod:`d2gp.losses`); the imitation and supervised terms
-   average over the last ``tail`` iterates x_{K−tail+1} … x_K (``tail = 1``: x_K only, the
-   paper's loss; a longer tail rewards every late iterate, which keeps the iteration stable past
-   K), each compared with the ground truth and with the teacher's x_K^t;
+   average over the last ``tail`` iterates x_{K−tail+1} … x_K (default min(10, K); ``tail = 1``:
+   x_K only, the paper's loss, which teaches a "final jump" that is right at K and ruinous after
+   it; a longer tail rewards every late iterate, which keeps the iteration stable past K), each
+   compared with the ground truth and with the teacher's x_K^t;
 5. one Adam/AdamW step, after clipping the gradient norm to ``grad_clip``.
 
 The budget is counted in updates (``updates``, else ``epochs`` passes over the data). The
@@ -124,7 +125,7 @@ class TrainConfig:
     method: str = "d2gp"
     iterations: int = 20
     epochs: int = 6
-    batch_size: int = 32
+    batch_size: int = 8  # peak memory: ~2 GB on 32×32 SPC, ~6 GB on 64×64 MRI (full unrolling, K = 20)
     train_images: int | None = 1000
     val_images: int = 64
     optimizer: str = "adam"
@@ -148,12 +149,12 @@ class TrainConfig:
     updates: int | None = None  # None: epochs × updates per epoch
     val_every: int | None = None  # None: once per epoch
     val_points: list[int] = field(default_factory=list)  # extra validation points (learning curves)
-    schedule: str = "plateau"
+    schedule: str = "cosine"
     warmup: int = 0
     final_lr_ratio: float = 0.01
-    grad_clip: float | None = None
+    grad_clip: float | None = 1.0
     # What the loss looks at.
-    tail: int = 1
+    tail: int | None = None  # None: min(10, iterations), see loss_tail
     teacher_cache: bool = True
 
     def validate(self) -> None:
@@ -186,11 +187,11 @@ class TrainConfig:
             raise TrainingError(f"final_lr_ratio must be in [0, 1], got {self.final_lr_ratio}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise TrainingError(f"grad_clip must be > 0 (or unset), got {self.grad_clip}")
-        if not 1 <= self.tail <= self.iterations:
+        if self.tail is not None and not 1 <= self.tail <= self.iterations:
             raise TrainingError(f"tail must be in [1, iterations = {self.iterations}], got {self.tail}")
         if self.unroll == "truncated" and not 1 <= self.truncate <= self.iterations:
             raise TrainingError(f"truncate must be in [1, iterations], got {self.truncate}")
-        if self.unroll == "truncated" and self.tail > self.truncate:
+        if self.unroll == "truncated" and self.tail is not None and self.tail > self.truncate:
             raise TrainingError(f"tail ({self.tail}) must not exceed truncate ({self.truncate}): the loss would "
                                 f"look at iterates that no gradient reaches")
         if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
@@ -212,6 +213,14 @@ class TrainConfig:
         if self.method in ("supervised", "objective"):
             return LossWeights(gradient=0.0, imitation=0.0, supervised=self.lambda_supervised or 1.0)
         return LossWeights(self.lambda_gradient, self.lambda_imitation, self.lambda_supervised)
+
+    @property
+    def loss_tail(self) -> int:
+        """How many of the last iterates the loss averages over: ``tail``, by default min(10, K) (and
+        no more than the iterations a truncated unroll backpropagates through)."""
+        if self.tail is not None:
+            return self.tail
+        return min(10, self.iterations, self.truncate if self.unroll == "truncated" else self.iterations)
 
     @property
     def learning_rate(self) -> float:
@@ -333,7 +342,7 @@ def unrolled_loss(config: TrainConfig, task: Task, npo, denoiser, x: torch.Tenso
     if config.method == "objective":
         loss = objective_loss(task.student, student_trace, y_s)
         return loss, {"objective": loss}
-    outputs = student_trace.x[K - config.tail:]  # x_{K−tail+1} … x_K
+    outputs = student_trace.x[K - config.loss_tail:]  # x_{K−tail+1} … x_K
     terms: dict[str, torch.Tensor] = {}
     if weights.gradient > 0:
         A_s, A_t = task.student, task.teacher
