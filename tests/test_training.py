@@ -270,6 +270,17 @@ def test_the_tail_averages_the_supervised_loss_over_the_last_iterates(tiny):
         _config(tiny, tail=3, unroll="truncated", truncate=2).validate()
 
 
+def test_defaults_are_the_stable_laptop_settings():
+    """TrainConfig() fits a 16 GB laptop on every task (batch 8: ~2 GB on SPC, ~6 GB on MRI; batch 32 was
+    killed at 24 GB on MRI) and trains the way that stays stable past K."""
+    config = TrainConfig()
+    assert config.batch_size == 8 and config.schedule == "cosine" and config.grad_clip == 1.0
+    assert config.loss_tail == 10 and TrainConfig(iterations=4).loss_tail == 4
+    assert TrainConfig(unroll="truncated", truncate=5).loss_tail == 5 and TrainConfig(tail=1).loss_tail == 1
+    TrainConfig(iterations=4).validate()
+    TrainConfig(unroll="truncated", truncate=5).validate()
+
+
 def test_trained_npo_repeats_its_last_operator_past_k(tiny, tmp_path):
     _train(tiny, _config(tiny, epochs=1), tmp_path / "run")
     npo, meta = load_npo(tmp_path / "run" / "best.pt")

@@ -30,9 +30,9 @@ __all__ = ["evaluate_runs", "evaluation_dir", "demo", "ensure_trained", "announc
 #:
 #: * ``quick``: the demo — D2GP and Supervised on SPC, trained and evaluated in about 10 minutes on
 #:   2 CPU cores (``benchmarks/results/demo-spc/time.json``), under 3 GB of memory;
-#: * ``cpu``: the longest budget a laptop affords — about an hour per preconditioner for the three
-#:   tasks on 2 cores (SPC 600 updates of 16 images, MRI and SR 300 of 4); validated at every power
-#:   of two (the learning curve) and every 100 updates;
+#: * ``cpu``: the longest budget a laptop affords — about an hour per method for the three tasks
+#:   on 2 cores (SPC 600 updates of 16 images, MRI and SR 300 of 4); validated at every power of
+#:   two (the learning curve) and every 100 updates;
 #: * ``paper``: every training image, 30 epochs of 32 — for a GPU.
 #:
 #: All of them keep :class:`~d2gp.training.TrainConfig`'s defaults for what keeps a learned
