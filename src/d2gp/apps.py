@@ -24,12 +24,12 @@ from d2gp.tasks import make_task
 from d2gp.training import TrainConfig, load_npo, saved_train_config, train
 
 __all__ = ["evaluate_runs", "evaluation_dir", "demo", "ensure_trained", "announce", "announce_training",
-           "profile_settings", "PROFILES", "TASK_PROFILES", "HORIZONS"]
+           "profile_settings", "PROFILES", "TASK_PROFILES", "HORIZONS", "DEMO_TEST_IMAGES"]
 
 #: Training profiles: the budget (and its schedule) a preset gives a learned preconditioner.
 #:
-#: * ``quick``: the demo — D2GP and Supervised on SPC, trained and evaluated in about 10 minutes on
-#:   2 CPU cores (``benchmarks/results/demo-spc/time.json``), under 3 GB of memory;
+#: * ``quick``: the demo — D2GP and Supervised on SPC, trained and evaluated in the time and memory
+#:   that ``benchmarks/main_job.py`` measures (``benchmarks/results/demo-spc/time.json``);
 #: * ``cpu``: the longest budget a laptop affords — about an hour per method for the three tasks
 #:   on 2 cores (SPC 600 updates of 16 images, MRI and SR 300 of 4); validated at every power of
 #:   two (the learning curve) and every 100 updates;
@@ -39,11 +39,14 @@ __all__ = ["evaluate_runs", "evaluation_dir", "demo", "ensure_trained", "announc
 #: preconditioner stable past K (``benchmarks/results/stability``): the loss over the last 10
 #: iterates (``tail``), cosine decay after the warm-up, gradient clipping.
 PROFILES = {
-    "quick": dict(train_images=2000, val_images=32, batch_size=8, updates=160, val_every=40, warmup=10),
+    "quick": dict(train_images=2000, val_images=32, batch_size=8, updates=120, val_every=40, warmup=10),
     "cpu": dict(train_images=None, val_images=64, batch_size=16, updates=600, val_every=100, warmup=30,
                 val_points=[16, 32, 64, 128, 256, 512, 1024]),
     "paper": dict(train_images=None, val_images=200, batch_size=32, epochs=30, warmup=100),
 }
+
+#: Test images the demo evaluates on (to 5K = 100 iterations, four methods): the first 200 of the split.
+DEMO_TEST_IMAGES = 200
 
 #: Per-task changes to a profile: one update on a 64×64 image costs about 4× one on a 32×32 digit,
 #: so MRI and SR take fewer images per update (and the quick demo on them fewer updates).
@@ -216,15 +219,16 @@ def evaluate_runs(run_dirs: Sequence[str | os.PathLike], *, split: str = "test",
 
 
 def demo(out: str | os.PathLike = "runs/demo", task: str = "spc", profile: str = "quick", seed: int = 0,
-         resume: bool = True, progress: bool = True, limit: int | None = None, device: str | None = "auto",
-         restart: bool = True,
+         resume: bool = True, progress: bool = True, limit: int | None = DEMO_TEST_IMAGES,
+         device: str | None = "auto", restart: bool = True,
          **overrides) -> dict:
     """The main job: train D2GP and Supervised NPOs with ``profile``, then evaluate them on the test split.
 
     The runs go to ``out/d2gp`` and ``out/supervised``, the evaluation to ``out/evaluation``
     (:func:`evaluation_dir`, the rule of ``d2gp evaluate``). Finished runs in ``out`` are reused
     (``resume``), so an interrupted demo continues where it stopped.
-    ``overrides`` are :class:`~d2gp.training.TrainConfig` fields; ``limit`` caps the test images.
+    ``overrides`` are :class:`~d2gp.training.TrainConfig` fields; ``limit`` caps the test images
+    (default :data:`DEMO_TEST_IMAGES`; ``None``: all).
     """
     out = Path(out)
     base = TrainConfig(task=task, seed=seed, **{**profile_settings(profile, task), **overrides})

@@ -313,7 +313,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from d2gp.apps import demo
 
     check_output_path(args.out, folder=True)
-    result = demo(args.out, task=args.task, profile=args.profile, seed=args.seed, device=args.device)
+    result = demo(args.out, task=args.task, profile=args.profile, seed=args.seed, device=args.device,
+                  limit=args.limit or None)
     print(result["table"])
     print(f"wrote {result['out']}/ (table.md, table.csv, results.json, examples.png, psnr_curves.png)")
 
@@ -388,7 +389,7 @@ def cmd_train_denoiser(args: argparse.Namespace) -> None:
 
 # --- parser -------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    from d2gp.apps import PROFILES
+    from d2gp.apps import DEMO_TEST_IMAGES, PROFILES
 
     parser = _Parser(prog="d2gp", description=(
         "D2GP: learned nonlinear preconditioners for plug-and-play FISTA (single-pixel camera, MRI, "
@@ -399,12 +400,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the main job: train D2GP and Supervised NPOs, evaluate, print the table")
     p.add_argument("--task", choices=list(TASKS), default="spc", help="task (default spc)")
     p.add_argument("--profile", choices=list(PROFILES), default="quick",
-                   help="quick: the README's main job (about 10 min on 2 CPU cores); cpu: about an hour per "
+                   help="quick: the README's main job (9.3 min on 2 CPU cores, benchmarks/results/demo-spc/time.json); cpu: about an hour per "
                         "method on 2 cores; paper: for a GPU")
     p.add_argument("--seed", type=_non_negative, default=0)
     p.add_argument("--out", default="runs/demo",
                    help="output folder (default runs/demo): the runs in OUT/d2gp and OUT/supervised (finished ones "
                         "are reused), the evaluation in OUT/evaluation, as `d2gp evaluate` would write it")
+    p.add_argument("--limit", type=_non_negative, default=DEMO_TEST_IMAGES,
+                   help=f"test images to evaluate on (default {DEMO_TEST_IMAGES}; 0 = the whole test split)")
     _add_device_argument(p)
     p.set_defaults(func=cmd_demo)
 
