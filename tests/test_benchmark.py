@@ -63,6 +63,26 @@ def test_rerun_reuses_finished_runs(tiny_benchmark):
     assert best.stat().st_mtime == mtime
 
 
+def test_restart_tunes_and_evaluates_with_the_restarted_solver(tiny_benchmark, tmp_path):
+    """benchmark(restart=True) is the baseline of evaluate_solver(restart=True) at its own tuned γ."""
+    import torch
+
+    from d2gp.evaluation import evaluate_solver, tune_step_size
+    from d2gp.benchmark import STEP_FACTORS
+
+    settings = tiny_benchmark["settings"]
+    result = benchmark(["spc"], ["baseline"], out=tmp_path / "out", runs=tmp_path / "runs", iterations=2,
+                       progress=False, task_settings=settings, limit=4, tune_images=4, restart=True)
+    spc = result["results"]["spc"]
+    assert spc["config"]["restart"] is True
+    task = make_task("spc", device="cpu", **settings)
+    den, val, test = task.denoiser(), task.images("val", limit=4), task.images("test", limit=4)
+    gamma, _ = tune_step_size(task.student, val, den, task.student_step_size, 2, factors=STEP_FACTORS, restart=True)
+    run = evaluate_solver("b", task.student, test, den, gamma, 10, progress=False, restart=True)
+    assert spc["methods"][0]["psnr"][2][0] == pytest.approx(float(run.psnr[2].mean()), abs=1e-4)
+    assert torch.isfinite(run.psnr[10]).all()
+
+
 def test_unknown_method_is_refused():
     from d2gp.checkpoints import CheckpointError
 

@@ -104,20 +104,20 @@ STEP_FACTORS = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
 
 
 def _tune(task: Task, val: torch.Tensor, denoiser, K: int, candidates: dict[str, Callable[[], torch.nn.Module | None]],
-          base_step: float) -> tuple[torch.nn.Module | None, float, dict]:
+          base_step: float, restart: bool = False) -> tuple[torch.nn.Module | None, float, dict]:
     """The candidate preconditioner and step γ with the best validation PSNR at K: every candidate on
     the grid γ = f·base_step (f in :data:`STEP_FACTORS`), then γ refined for the best one only."""
     best, record = None, {}
     for name, build in candidates.items():
         P = build()
         gamma, tried = tune_step_size(task.student, val, denoiser, base_step, K, factors=STEP_FACTORS, preconditioner=P,
-                                      refine=0)
+                                      refine=0, restart=restart)
         record[name] = tried
         if best is None or tried[f"{gamma:.6g}"] > best[0]:
             best = (tried[f"{gamma:.6g}"], name, P)
     _, name, P = best
     gamma, record[name] = tune_step_size(task.student, val, denoiser, base_step, K, factors=STEP_FACTORS,
-                                         preconditioner=P, tried=record[name])
+                                         preconditioner=P, tried=record[name], restart=restart)
     return P, gamma, {"chosen": name, "step_size": gamma, "val_psnr": record[name][f"{gamma:.6g}"], "tried": record}
 
 
@@ -136,10 +136,10 @@ def classical_candidates(name: str, task: Task) -> dict[str, Callable[[], torch.
     return {choice: lambda: Polynomial.from_choice(task.student, shape, choice, norm=L)}
 
 
-def _classical(name: str, task: Task, val: torch.Tensor, denoiser, K: int):
+def _classical(name: str, task: Task, val: torch.Tensor, denoiser, K: int, restart: bool = False):
     # The natural step of a Newton preconditioner is 1; p(AᵀA/L) ≈ L (AᵀA)⁻¹ and P = I take γ = 1/L.
     base_step = 1.0 if name == "newton" else task.student_step_size
-    return _tune(task, val, denoiser, K, classical_candidates(name, task), base_step)
+    return _tune(task, val, denoiser, K, classical_candidates(name, task), base_step, restart)
 
 
 @torch.no_grad()
@@ -179,7 +179,8 @@ def benchmark(tasks: Sequence[str] = ("spc", "mri", "sr"), methods: Sequence[str
               profile: str = "quick", seeds: Sequence[int] = (0,), out: str | os.PathLike = "results/benchmark",
               runs: str | os.PathLike = "runs/benchmark", iterations: int = 20, examples: int = 4,
               progress: bool = True, task_settings: dict | None = None, limit: int | None = None,
-              tune_images: int | None = None, device: str | None = "auto", **train_overrides) -> dict:
+              tune_images: int | None = None, device: str | None = "auto", restart: bool = False,
+              **train_overrides) -> dict:
     """Run ``methods`` on ``tasks`` (see the module documentation); returns the tables and results.
 
     :param seeds: training seeds of the learned methods (non-learned ones do not depend on it).
@@ -187,6 +188,8 @@ def benchmark(tasks: Sequence[str] = ("spc", "mri", "sr"), methods: Sequence[str
     :param task_settings: task overrides (for all tasks), e.g. ``{"image_size": 16}`` in tests.
     :param limit, tune_images: cap the test images / set the validation images for tuning (default: the profile's).
     :param device: where to train and evaluate (``"auto"``: a CUDA GPU when there is one).
+    :param restart: tune and evaluate every method with the solver's adaptive momentum restart
+        (:func:`~d2gp.solver.pnp_fista`); off by default: the paper's plain PnP-FISTA.
     :param train_overrides: :class:`~d2gp.training.TrainConfig` fields on top of the profile's.
     """
     _check_request(tasks, methods, seeds, iterations)
@@ -232,7 +235,7 @@ def benchmark(tasks: Sequence[str] = ("spc", "mri", "sr"), methods: Sequence[str
             elif name == "teacher":
                 evaluations.append((None, task.teacher, task.teacher_step_size))
             else:
-                P, gamma, record = _classical(name, task, val, denoiser, iterations)
+                P, gamma, record = _classical(name, task, val, denoiser, iterations, restart)
                 evaluations.append((P, task.student, gamma))
             runs_of_method, seconds = [], []
             for P, physics, step in evaluations:
@@ -240,7 +243,7 @@ def benchmark(tasks: Sequence[str] = ("spc", "mri", "sr"), methods: Sequence[str
                 runs_of_method.append(evaluate_solver(method.label, physics, test, denoiser, step, horizons[-1],
                                                       preconditioner=P, ssim_at=(iterations,), keep_examples=examples,
                                                       examples_at=iterations,
-                                                      progress=False))
+                                                      progress=False, restart=restart))
                 seconds.append(_seconds_per_image(physics, timing_batch, denoiser, step, iterations, P))
             entries.append((name, method, runs_of_method, params, trained_seconds, record, evaluations[0][2],
                             1000 * sum(seconds) / len(seconds)))
@@ -266,7 +269,7 @@ def benchmark(tasks: Sequence[str] = ("spc", "mri", "sr"), methods: Sequence[str
                                  "parameter_megabytes": 4 * params / 1e6,  # float32; Adam training holds 4×
                                  "step_size": step, "tuning_or_runs": record})
         task_out = out / task_name
-        task_config = {"profile": profile, "train": train_settings, "seeds": list(seeds), "iterations": iterations,
+        task_config = {"restart": restart, "profile": profile, "train": train_settings, "seeds": list(seeds), "iterations": iterations,
                        "task": task.config.to_dict(), "test_images": len(test), "tune_images": len(val)}
         write_results(task_out, header, rows, {"config": task_config, "methods": task_results}, device=device)
         first_runs = [e[2][0] for e in entries]

@@ -110,16 +110,20 @@ def _add_device_argument(parser: argparse.ArgumentParser) -> None:
                              "cuda:N (default auto)")
 
 
-def _add_safeguard_argument(parser: argparse.ArgumentParser, restart: bool) -> None:
-    parser.add_argument("--safeguard", type=_rho, default=None, metavar="RHO",
-                        help="also run each learned preconditioner with the solver's safeguard: a step whose residual "
-                             "‖x_{k+1} − x_k‖ exceeds RHO × the smallest so far is rejected and that image continues "
-                             "as plain PnP-FISTA (e.g. 2)")
+def _add_restart_argument(parser: argparse.ArgumentParser, restart: bool) -> None:
     parser.add_argument("--restart", action=argparse.BooleanOptionalAction, default=restart,
                         help="adaptive momentum restart in every method's solver: FISTA's momentum is reset for an "
                              "image whose step ‖x_{k+1} − x_k‖ grew; keeps the tuned baseline and the learned "
                              f"preconditioners stable past K (default {'on' if restart else 'off'}; off is the paper's "
                              "plain PnP-FISTA)")
+
+
+def _add_safeguard_argument(parser: argparse.ArgumentParser, restart: bool) -> None:
+    parser.add_argument("--safeguard", type=_rho, default=None, metavar="RHO",
+                        help="also run each learned preconditioner with the solver's safeguard: a step whose residual "
+                             "‖x_{k+1} − x_k‖ exceeds RHO × the smallest so far is rejected and that image continues "
+                             "as plain PnP-FISTA (e.g. 2)")
+    _add_restart_argument(parser, restart)
 
 
 # Training settings that get a flag of their own (the others are set by the profile or the API).
@@ -325,7 +329,7 @@ def cmd_benchmark(args: argparse.Namespace) -> None:
     check_output_path(args.out, folder=True)
     check_output_path(args.runs, folder=True, what="--runs")
     result = benchmark(args.tasks, args.methods, profile=args.profile, seeds=args.seeds, out=args.out, runs=args.runs,
-                       iterations=args.iterations, device=args.device)
+                       iterations=args.iterations, device=args.device, restart=args.restart)
     print(result["table"])
     print(f"wrote {result['out']}/ (table.md, table.csv, results.json; per task: examples.png, psnr_curves.png)")
 
@@ -425,6 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="results/benchmark", help="output folder")
     p.add_argument("--runs", default="runs/benchmark", help="training runs (RUNS/TASK/METHOD-seedS), reused when finished")
     _add_device_argument(p)
+    _add_restart_argument(p, restart=False)
     p.set_defaults(func=cmd_benchmark)
 
     p = sub.add_parser("train", help="train an NPO preconditioner (D2GP or Supervised)")
