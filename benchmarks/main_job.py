@@ -56,9 +56,6 @@ def main():
               "demo_command": " ".join(["d2gp", "demo", *extra]), "load_average_before": load,
               "environment": environment()}
     (out / "time.json").write_text(json.dumps(record, indent=2) + "\n")
-    stale = out / "time.txt"
-    if stale.exists():
-        stale.unlink()
     print(f"d2gp demo {' '.join(extra)}: {seconds / 60:.1f} min, peak memory {peak_kb / 1e6:.2f} GB → {out / 'time.json'}")
 
 

@@ -23,13 +23,13 @@ summary ``table.md/csv`` + ``results.json`` for all tasks.
 """
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 
 from d2gp.apps import evaluate_runs
 from d2gp.reports import markdown_table, write_results
+from d2gp.training import saved_train_config
 
 TOLERANCE = 0.5  # dB, the aim of issue 10
 
@@ -37,10 +37,6 @@ TOLERANCE = 0.5  # dB, the aim of issue 10
 def finished_runs(root: Path) -> list[Path]:
     """Run directories under ``root`` (one level) that finished training (they hold summary.json)."""
     return sorted(p for p in root.iterdir() if (p / "summary.json").is_file() and (p / "best.pt").is_file())
-
-
-def _task_of(run_dir: str) -> str:
-    return json.loads((Path(run_dir) / "config.json").read_text())["train"]["task"]
 
 
 def main():
@@ -58,7 +54,7 @@ def main():
     torch.set_num_threads(args.threads)
 
     rows, results = [], {}
-    groups = {_task_of(args.run_dirs[0]): [Path(d) for d in args.run_dirs]} if args.run_dirs else \
+    groups = {saved_train_config(args.run_dirs[0])["task"]: [Path(d) for d in args.run_dirs]} if args.run_dirs else \
         {task: finished_runs(Path(args.runs) / task) for task in args.tasks}
     for name, run_dirs in groups.items():
         if not run_dirs:

@@ -118,12 +118,11 @@ def _add_restart_argument(parser: argparse.ArgumentParser, restart: bool) -> Non
                              "plain PnP-FISTA)")
 
 
-def _add_safeguard_argument(parser: argparse.ArgumentParser, restart: bool) -> None:
+def _add_safeguard_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--safeguard", type=_rho, default=None, metavar="RHO",
                         help="also run each learned preconditioner with the solver's safeguard: a step whose residual "
                              "‖x_{k+1} − x_k‖ exceeds RHO × the smallest so far is rejected and that image continues "
                              "as plain PnP-FISTA (e.g. 2)")
-    _add_restart_argument(parser, restart)
 
 
 # Training settings that get a flag of their own (the others are set by the profile or the API).
@@ -450,7 +449,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output folder (default: evaluation/ in the deepest folder holding all the RUNs: "
                         "RUN/evaluation for one run, runs/evaluation for runs/a runs/b)")
     _add_device_argument(p)
-    _add_safeguard_argument(p, restart=True)
+    _add_safeguard_argument(p)
+    _add_restart_argument(p, restart=True)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("tasks", help="list the tasks, their operators and default settings")
@@ -474,7 +474,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--examples", type=_positive, default=4, help="images in the PNG grid (default 4)")
     p.add_argument("--out", default=None, help="output folder (default results/reconstruct-TASK)")
     _add_device_argument(p)
-    _add_safeguard_argument(p, restart=False)
+    _add_safeguard_argument(p)
+    _add_restart_argument(p, restart=False)
     p.set_defaults(func=cmd_reconstruct)
 
     from d2gp.analysis import LINEAR_CHOICES
