@@ -271,8 +271,8 @@ def test_the_tail_averages_the_supervised_loss_over_the_last_iterates(tiny):
 
 
 def test_defaults_are_the_stable_laptop_settings():
-    """TrainConfig() fits a 16 GB laptop on every task (batch 8: ~2 GB on SPC, ~6 GB on MRI; batch 32 was
-    killed at 24 GB on MRI) and trains the way that stays stable past K."""
+    """TrainConfig() takes batches of 8 (1.7 GB on SPC; batch 32 was killed at 24 GB on MRI in a user's
+    trial) and trains the way that stays stable past K."""
     config = TrainConfig()
     assert config.batch_size == 8 and config.schedule == "cosine" and config.grad_clip == 1.0
     assert config.loss_tail == 10 and TrainConfig(iterations=4).loss_tail == 4

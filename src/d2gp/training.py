@@ -125,7 +125,7 @@ class TrainConfig:
     method: str = "d2gp"
     iterations: int = 20
     epochs: int = 6
-    batch_size: int = 8  # peak memory: ~2 GB on 32×32 SPC, ~6 GB on 64×64 MRI (full unrolling, K = 20)
+    batch_size: int = 8  # 1.7 GB peak on 32×32 SPC at K = 20 (benchmarks/results/training_speed/batch8)
     train_images: int | None = 1000
     val_images: int = 64
     optimizer: str = "adam"
