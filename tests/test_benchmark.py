@@ -68,7 +68,7 @@ def test_restart_tunes_and_evaluates_with_the_restarted_solver(tiny_benchmark, t
     import torch
 
     from d2gp.evaluation import evaluate_solver, tune_step_size
-    from d2gp.benchmark import STEP_FACTORS
+    from d2gp.tuning import STEP_FACTORS
 
     settings = tiny_benchmark["settings"]
     result = benchmark(["spc"], ["baseline"], out=tmp_path / "out", runs=tmp_path / "runs", iterations=2,

@@ -61,7 +61,7 @@ keeps J·G's rank ≤ r; only the nonlinear P can put energy where the student d
 fidelity :math:`f(x_k) = \tfrac12\|Ax_k − y\|^2` and :math:`\|x_{k+1} − x_k\|` per iteration for
 every method of a ``d2gp benchmark`` output folder, to 5K. The benchmark stores PSNR per
 iteration to 2K only, so the solvers are run again: non-learned methods rebuilt from their tuning
-records (:func:`d2gp.benchmark.classical_candidates`), learned ones loaded from their run
+records (:func:`d2gp.tuning.classical_candidates`), learned ones loaded from their run
 directories (skipped, and listed, when those are gone) — nothing is retrained.
 
 References:
@@ -674,13 +674,13 @@ def benchmark_methods(record: dict, task: Task, *, runs: str | os.PathLike | Non
     """The preconditioners of a benchmark record, rebuilt without training.
 
     Non-learned methods from their tuning records (the chosen candidate of
-    :func:`d2gp.benchmark.classical_candidates`, the tuned γ); learned ones from their run
+    :func:`d2gp.tuning.classical_candidates`, the tuned γ); learned ones from their run
     directories (``runs/TASK/METHOD-seedS`` or the recorded path; first seed); the teacher.
 
     :return: ``(methods, skipped)``: each method ``{"method", "label", "physics", "preconditioner",
         "step_size", "learned", "psnr_at_K"}``; each skipped one ``{"method", "label", "reason"}``.
     """
-    from d2gp.benchmark import classical_candidates
+    from d2gp.tuning import classical_candidates
     from d2gp.training import load_npo
 
     K = record["config"]["iterations"]
@@ -789,7 +789,8 @@ def _comparison_linear(task: Task, choice: str, record: Optional[dict], runs) ->
     """The linear preconditioner to compare with: ``best`` = the linear method of the benchmark record
     with the best test PSNR at K that can be rebuilt (``poly-l2``, which has no tuned setting, without
     a record); a method name = that method (tuned as recorded, else its first candidate)."""
-    from d2gp.benchmark import METHODS, classical_candidates
+    from d2gp.benchmark import METHODS
+    from d2gp.tuning import classical_candidates
 
     if choice == "none":
         return None

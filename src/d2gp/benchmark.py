@@ -15,7 +15,9 @@ Methods (:data:`METHODS`):
 * learned linear (Ehrhardt, Fahy & Golbabaee 2024) — ``scalar``, ``pointwise``,
   ``convolutional``, ``full``, each trained with their paper's objective-decrease loss
   (``-objective``) and with our supervised loss (``-supervised``);
-* learned nonlinear — ``supervised`` (NPO, L_s only) and ``d2gp``; and ``teacher``, the
+* learned nonlinear — ``supervised`` (NPO, L_s only) and ``d2gp``; ``newton-supervised`` and
+  ``newton-d2gp``, the same NPOs refining the tuned Newton preconditioner
+  (:mod:`d2gp.preconditioners.refined`: they start at Newton's PSNR); and ``teacher``, the
   teacher operator's plain PnP-FISTA (the upper bound).
 
 On a projector AᵀA (±1 SPC rows, an MRI mask symmetric in k-space) the Newton
@@ -31,7 +33,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -39,15 +41,15 @@ from tqdm.auto import tqdm
 from d2gp.apps import HORIZONS, announce, ensure_trained
 from d2gp.checkpoints import CheckpointError
 from d2gp.device import module_device, precision, resolve_device, synchronize
-from d2gp.evaluation import evaluate_solver, format_mean_std, mean_std, tune_step_size
+from d2gp.evaluation import evaluate_solver, format_mean_std, mean_std
 from d2gp.plots import examples_figure, psnr_curves
-from d2gp.preconditioners.classical import Newton, Polynomial
 from d2gp.reports import markdown_table, write_results
 from d2gp.solver import pnp_fista
 from d2gp.tasks import TASKS, Task, make_task
 from d2gp.training import TrainConfig, load_npo
+from d2gp.tuning import STEP_FACTORS, classical_candidates, tune_classical
 
-__all__ = ["METHODS", "BENCHMARK_PROFILES", "benchmark", "Method", "classical_candidates"]
+__all__ = ["METHODS", "BENCHMARK_PROFILES", "benchmark", "Method", "classical_candidates", "STEP_FACTORS"]
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,9 @@ METHODS: dict[str, Method] = {
        for loss in ("objective", "supervised")},
     "supervised": Method("Supervised (NPO, L_s only)", True, {"preconditioner": "npo", "method": "supervised"}),
     "d2gp": Method("D2GP", True, {"preconditioner": "npo", "method": "d2gp"}),
+    "newton-supervised": Method("Supervised NPO on Newton", True,
+                                {"preconditioner": "npo", "method": "supervised", "base": "newton"}),
+    "newton-d2gp": Method("D2GP on Newton", True, {"preconditioner": "npo", "method": "d2gp", "base": "newton"}),
     "teacher": Method("Teacher (upper bound)", False),
 }
 
@@ -97,50 +102,6 @@ BENCHMARK_PROFILES = {
         "tune_images": 200, "test_images": {"spc": None, "mri": None, "sr": None},
     },
 }
-
-NEWTON_DELTAS = (1e-3, 1e-2, 1e-1, 1.0)  # × ‖AᵀA‖
-CHEBYSHEV_LOWER = (1e-3, 1e-2, 1e-1)
-STEP_FACTORS = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
-
-
-def _tune(task: Task, val: torch.Tensor, denoiser, K: int, candidates: dict[str, Callable[[], torch.nn.Module | None]],
-          base_step: float, restart: bool = False) -> tuple[torch.nn.Module | None, float, dict]:
-    """The candidate preconditioner and step γ with the best validation PSNR at K: every candidate on
-    the grid γ = f·base_step (f in :data:`STEP_FACTORS`), then γ refined for the best one only."""
-    best, record = None, {}
-    for name, build in candidates.items():
-        P = build()
-        gamma, tried = tune_step_size(task.student, val, denoiser, base_step, K, factors=STEP_FACTORS, preconditioner=P,
-                                      refine=0, restart=restart)
-        record[name] = tried
-        if best is None or tried[f"{gamma:.6g}"] > best[0]:
-            best = (tried[f"{gamma:.6g}"], name, P)
-    _, name, P = best
-    gamma, record[name] = tune_step_size(task.student, val, denoiser, base_step, K, factors=STEP_FACTORS,
-                                         preconditioner=P, tried=record[name], restart=restart)
-    return P, gamma, {"chosen": name, "step_size": gamma, "val_psnr": record[name][f"{gamma:.6g}"], "tried": record}
-
-
-def classical_candidates(name: str, task: Task) -> dict[str, Callable[[], torch.nn.Module | None]]:
-    """The candidate preconditioners a non-learned method is tuned over, by the names its tuning record uses
-    (``"identity"``, ``"delta=0.1·L"``, ``"lower=0.001"``, ``"l2"``…), each as a builder."""
-    shape, L = task.image_shape, task.student_norm
-    if name == "baseline":
-        return {"identity": lambda: None}
-    if name == "newton":
-        return {f"delta={d:g}·L": (lambda d=d: Newton(task.student, d * L, shape)) for d in NEWTON_DELTAS}
-    choice = name.split("-", 1)[1]
-    if choice == "chebyshev":
-        return {f"lower={lo:g}": (lambda lo=lo: Polynomial.from_choice(task.student, shape, "chebyshev", lower=lo, norm=L))
-                for lo in CHEBYSHEV_LOWER}
-    return {choice: lambda: Polynomial.from_choice(task.student, shape, choice, norm=L)}
-
-
-def _classical(name: str, task: Task, val: torch.Tensor, denoiser, K: int, restart: bool = False):
-    # The natural step of a Newton preconditioner is 1; p(AᵀA/L) ≈ L (AᵀA)⁻¹ and P = I take γ = 1/L.
-    base_step = 1.0 if name == "newton" else task.student_step_size
-    return _tune(task, val, denoiser, K, classical_candidates(name, task), base_step, restart)
-
 
 @torch.no_grad()
 def _seconds_per_image(physics, images, denoiser, step, K, P) -> float:
@@ -235,7 +196,7 @@ def benchmark(tasks: Sequence[str] = ("spc", "mri", "sr"), methods: Sequence[str
             elif name == "teacher":
                 evaluations.append((None, task.teacher, task.teacher_step_size))
             else:
-                P, gamma, record = _classical(name, task, val, denoiser, iterations, restart)
+                P, gamma, record = tune_classical(name, task, val, denoiser, iterations, restart)
                 evaluations.append((P, task.student, gamma))
             runs_of_method, seconds = [], []
             for P, physics, step in evaluations:

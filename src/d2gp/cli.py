@@ -155,6 +155,8 @@ _TRAIN_FLAGS = {
     "tail": "the imitation and supervised losses average over the last TAIL iterates x_{K-TAIL+1} … x_K; "
              "1 is the paper's loss on x_K alone (None: min(10, K))",
     "teacher_cache": "compute the teacher's targets once per training image instead of every update",
+    "base": "train the preconditioner on top of a classical one, tuned first on the validation split: newton, "
+            "poly-l2, poly-chebyshev, poly-ifista, or baseline (the tuned step); it starts as that method",
 }
 _NPO_FLAGS = {
     "width": (int, "NPO channels per block"),

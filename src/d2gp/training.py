@@ -66,13 +66,15 @@ from d2gp.losses import TEACHER_GRADIENT_AT, LossWeights, gradient_loss, imitati
 from d2gp.preconditioners import NPO
 from d2gp.preconditioners.files import NPO_FORMAT, load_npo, save_npo, shipped_npo_path
 from d2gp.preconditioners.learned_linear import LINEAR_PRECONDITIONERS, build_linear, objective_loss
+from d2gp.preconditioners.refined import Refined, build_base
 from d2gp.reports import environment
 from d2gp.solver import pnp_fista
 from d2gp.tasks import Task, make_task
 from d2gp.tasks.base import measure
+from d2gp.tuning import CLASSICAL_METHODS, tune_classical
 
 __all__ = ["TrainConfig", "TrainingError", "train", "saved_train_config", "load_npo", "save_npo", "shipped_npo_path",
-           "build_preconditioner", "TeacherTargets", "NPO_FORMAT", "METHODS", "PRECONDITIONERS", "UNROLL_MODES",
+           "build_preconditioner", "tune_base", "TeacherTargets", "NPO_FORMAT", "METHODS", "PRECONDITIONERS", "UNROLL_MODES",
            "SCHEDULES", "DEFAULT_LR", "check_not_diverged", "DIVERGED_DB"]
 
 _STATE_FORMAT = "d2gp-npo-training"
@@ -156,6 +158,9 @@ class TrainConfig:
     # What the loss looks at.
     tail: int | None = None  # None: min(10, iterations), see loss_tail
     teacher_cache: bool = True
+    # Where the preconditioner starts: None, the identity at γ = 1/L; a non-learned method ("newton", …):
+    # the learned part refines that method, tuned on the validation split (see d2gp.preconditioners.refined).
+    base: str | None = None
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -198,6 +203,10 @@ class TrainConfig:
             raise TrainingError(f"lr must be a finite number > 0, got {self.lr}")
         if self.train_images is not None and not (isinstance(self.train_images, int) and self.train_images >= 1):
             raise TrainingError(f"train_images must be ≥ 1, or None for all (--train-images 0), got {self.train_images!r}")
+        if self.base is not None and self.base not in CLASSICAL_METHODS:
+            raise TrainingError(f"unknown base {self.base!r}; choose one of {', '.join(CLASSICAL_METHODS)} (or none)")
+        if self.base is not None and self.method == "objective":
+            raise TrainingError("a base preconditioner is for the unrolled losses (d2gp, supervised), not 'objective'")
         if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
             raise TrainingError(f"weight_decay must be a finite number ≥ 0, got {self.weight_decay}")
         try:
@@ -247,25 +256,46 @@ class TrainConfig:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
-def build_preconditioner(config: TrainConfig, task: Task) -> torch.nn.Module:
+def build_preconditioner(config: TrainConfig, task: Task, base: dict[str, Any] | None = None) -> torch.nn.Module:
     """The untrained preconditioner of ``config`` for ``task``'s images (identity at init), on the task's device.
 
     An NPO gets ``max_iteration = K − 1`` unless ``config.npo`` sets it: past the K it was
     trained for, it repeats its last operator (the learned linear ones do the same).
+
+    :param base: with ``config.base``, the tuned base (:func:`tune_base`): the result is then a
+        :class:`~d2gp.preconditioners.refined.Refined` that starts as that classical method.
     """
+    if config.base is not None and base is None:
+        raise TrainingError(f"config.base = {config.base!r}: pass the tuned base, build_preconditioner(config, task, "
+                            f"tune_base(config, task, denoiser, val_images))")
     channels = task.image_shape[0]
     if config.preconditioner == "npo":
         try:
             npo = NPO(**{"channels": channels, "max_iteration": config.iterations - 1, **config.npo})
         except (TypeError, ValueError) as error:
             raise TrainingError(f"NPO settings {config.npo}: {error}") from None
-        return prepare(npo, task.device) if npo.channels_last else npo.to(task.device)
-    try:
-        linear = build_linear(config.preconditioner, channels, tuple(task.image_shape[1:]), config.iterations,
-                              **config.linear)
-    except ValueError as error:
-        raise TrainingError(str(error)) from None
-    return linear.to(task.device)
+        learned = prepare(npo, task.device) if npo.channels_last else npo.to(task.device)
+    else:
+        try:
+            learned = build_linear(config.preconditioner, channels, tuple(task.image_shape[1:]), config.iterations,
+                                   **config.linear).to(task.device)
+        except ValueError as error:
+            raise TrainingError(str(error)) from None
+    if base is None:
+        return learned
+    return Refined(build_base(base, task), learned, base["gain"], base)
+
+
+def tune_base(config: TrainConfig, task: Task, denoiser, val_images: torch.Tensor) -> dict[str, Any] | None:
+    """Tune ``config.base`` (a non-learned method) on the validation images at K, as Table I does
+    (:func:`d2gp.tuning.tune_classical`, plain FISTA): ``{"method", "candidate", "step_size", "gain",
+    "val_psnr"}`` with gain = its γ over the task's γ; ``None`` without a base. Deterministic (fixed
+    noise seeds), so a resumed run finds the same base."""
+    if config.base is None:
+        return None
+    _, gamma, record = tune_classical(config.base, task, val_images, denoiser, config.iterations)
+    return {"method": config.base, "candidate": record["chosen"], "step_size": gamma,
+            "gain": gamma / task.student_step_size, "val_psnr": record["val_psnr"]}
 
 
 # --- the teacher's targets ------------------------------------------------------------------------
@@ -465,16 +495,20 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = Fal
     train_images = task.check_images(train_images, "training images").to(device)
     updates_per_epoch = math.ceil(len(train_images) / config.batch_size)
     total = config.updates or config.epochs * updates_per_epoch
+    denoiser = task.denoiser().requires_grad_(False)
+    if config.base is not None and progress:
+        tqdm.write(f"tuning the base preconditioner {config.base!r} on {len(val_images)} validation images")
+    base = tune_base(config, task, denoiser, val_images)
     write_json({"train": config.to_dict(), "task": task.config.to_dict(), "environment": environment(device),
                 "data": {"train": len(train_images), "val": len(val_images), "dataset": task.dataset},
                 "updates": {"total": total, "per_epoch": updates_per_epoch},
                 "runtime": {"device": str(device), "compile": bool(compile)},
-                "step_size": {"student": task.student_step_size, "teacher": task.teacher_step_size}},
+                "step_size": {"student": task.student_step_size, "teacher": task.teacher_step_size},
+                **({"base": base} if base is not None else {})},
                run_dir / "config.json")
 
     seed_everything(config.seed)
-    denoiser = task.denoiser().requires_grad_(False)
-    npo = build_preconditioner(config, task)
+    npo = build_preconditioner(config, task, base)
     optimizer = _build_optimizer(config, npo)
     scheduler = _build_scheduler(config, optimizer, total)
     generator = torch.Generator().manual_seed(config.seed)
@@ -559,9 +593,12 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = Fal
             sums, count, window_began = {}, 0, time.perf_counter()
     bar.close()
     npo.eval()
-    identity = evaluate_solver("identity", task.student, val_images, denoiser, task.student_step_size,
-                               config.iterations, progress=False)
-    check_not_diverged(best, float(identity.psnr[config.iterations].mean()))
+    if base is not None:  # the untrained preconditioner is the tuned base
+        untrained = base["val_psnr"]
+    else:
+        untrained = float(evaluate_solver("identity", task.student, val_images, denoiser, task.student_step_size,
+                                          config.iterations, progress=False).psnr[config.iterations].mean())
+    check_not_diverged(best, untrained)
     save_npo(npo, run_dir / "last.pt", task, config, {"val_psnr": val_psnr, "update": total,
                                                       "epoch": round(total / updates_per_epoch, 4)})
     training_seconds = sum(r["seconds"] for r in history)

@@ -5,7 +5,11 @@ loads on any machine) and loaded with ``weights_only=True``::
 
     {"format": "d2gp-npo", "kind": "npo" | "scalar" | "pointwise" | "convolutional" | "full",
      "npo": {constructor arguments}, "state_dict": {...}, "task": name, "task_config": {...},
-     "method": ..., "iterations": K, "train_config": {...}, ...extra (val_psnr, update, ...)}
+     "method": ..., "iterations": K, "train_config": {...}, ...extra (val_psnr, update, ...),
+     "base": {"method", "candidate", "step_size", "gain", ...}   # only for a refined preconditioner}
+
+A :class:`~d2gp.preconditioners.refined.Refined` preconditioner is saved as its learned part, with
+the ``base`` entry that rebuilds its classical base from the task (so loading it needs the task).
 
 Files written before ``kind`` existed hold NPOs. The training loop (:mod:`d2gp.training`) writes
 them; :func:`load_npo` reads them for evaluation, ``d2gp reconstruct`` and the benchmarks.
@@ -22,6 +26,7 @@ from d2gp.checkpoints import CheckpointError, atomic_save, load_checkpoint, requ
 from d2gp.device import to_cpu
 from d2gp.preconditioners.learned_linear import build_linear
 from d2gp.preconditioners.npo import NPO
+from d2gp.preconditioners.refined import Refined, build_base
 
 __all__ = ["NPO_FORMAT", "save_npo", "load_npo", "shipped_npo_path", "rebuild"]
 
@@ -36,6 +41,19 @@ def rebuild(kind: str, architecture: dict) -> torch.nn.Module:
     return NPO(**architecture) if kind == "npo" else build_linear(kind, **architecture)
 
 
+def _refined(learned: torch.nn.Module, spec, task, path: Path) -> Refined:
+    """The refined preconditioner of a weights file's ``base`` entry, its base rebuilt for ``task``."""
+    if task is None:
+        raise CheckpointError(f"{path} holds a preconditioner refined on top of a classical one ({spec.get('method') if isinstance(spec, dict) else spec}): "
+                              f"load it with its task, load_npo(path, task), to rebuild that base")
+    if not isinstance(spec, dict) or not {"method", "candidate", "gain"} <= set(spec):
+        raise CheckpointError(f"{path}: its 'base' entry {spec!r} lacks method, candidate or gain")
+    try:
+        return Refined(build_base(spec, task), learned, spec["gain"], spec)
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"{path}: cannot rebuild its base preconditioner {spec}: {error}") from None
+
+
 def save_npo(npo: torch.nn.Module, path: str | os.PathLike, task, config, extra: dict | None = None) -> None:
     """Save a trained preconditioner (an NPO or a learned linear one: ``kind``) with its metadata.
 
@@ -44,10 +62,13 @@ def save_npo(npo: torch.nn.Module, path: str | os.PathLike, task, config, extra:
     :param config: its :class:`~d2gp.training.TrainConfig`.
     :param extra: more entries (validation PSNR, update count, …).
     """
+    base = {"base": dict(npo.base_spec)} if isinstance(npo, Refined) else {}
+    learned = npo.learned if isinstance(npo, Refined) else npo
     atomic_save({
         "format": NPO_FORMAT, "task": task.name, "task_config": task.config.to_dict(),
-        "kind": getattr(npo, "kind", "npo"), "npo": dict(npo.config), "state_dict": to_cpu(npo.state_dict()),
-        "method": config.method, "iterations": config.iterations, "train_config": config.to_dict(), **(extra or {}),
+        "kind": getattr(learned, "kind", "npo"), "npo": dict(learned.config), "state_dict": to_cpu(learned.state_dict()),
+        "method": config.method, "iterations": config.iterations, "train_config": config.to_dict(), **base,
+        **(extra or {}),
     }, path)
 
 
@@ -63,6 +84,7 @@ def load_npo(source: str | os.PathLike, task=None, device: str | torch.device | 
 
     :param source: a weights file, a training run directory (its ``best.pt``), or — with
         ``task`` — a method name (``"d2gp"``, ``"supervised"``) for the weights shipped for it.
+        A refined preconditioner (a ``base`` entry) needs ``task``: its base is rebuilt from it.
     :param device: where to put it (default: the task's device, else the CPU).
     :return: the preconditioner (eval mode) and the file's metadata (method, iterations, task_config, …).
     """
@@ -88,6 +110,8 @@ def load_npo(source: str | os.PathLike, task=None, device: str | torch.device | 
         npo.load_state_dict(data["state_dict"])
     except (TypeError, ValueError, RuntimeError) as error:
         raise CheckpointError(f"weights {path} do not fit the {kind} architecture {data['npo']}: {str(error)[:200]}") from None
+    if "base" in data:
+        npo = _refined(npo, data["base"], task, path)
     meta = {**{k: v for k, v in data.items() if k != "state_dict"}, "kind": kind}  # files before "kind": NPOs
     if device is None:
         device = task.device if task is not None else "cpu"
