@@ -14,7 +14,8 @@ def tiny_benchmark(tmp_path_factory, tiny_denoiser):
     settings = {"image_size": 16, "denoiser": str(tiny_denoiser)}
     overrides = dict(train_images=8, val_images=4, epochs=1, batch_size=8, npo={"width": 8, "blocks": 1})
     result = benchmark(["spc"], list(METHODS), out=folder / "out", runs=folder / "runs", iterations=2, examples=2,
-                       progress=False, task_settings=settings, limit=12, tune_images=8, **overrides)
+                       progress=False, task_settings=settings, limit=12, tune_images=8, early=(1, 5), converge=30,
+                       **overrides)
     return {"folder": folder, "settings": settings, "overrides": overrides, "result": result}
 
 
@@ -35,13 +36,31 @@ def test_reported_parameter_counts_are_the_modules(tiny_benchmark):
         if not method.learned:
             continue
         config = TrainConfig(task="spc", iterations=2, **{**tiny_benchmark["overrides"], **method.train})
-        module = build_preconditioner(config, task)
+        base = {"method": "baseline", "candidate": "identity", "gain": 1.0} if config.base else None  # not trained
+        module = build_preconditioner(config, task, base)
         assert methods[name]["parameters"] == sum(p.numel() for p in module.parameters()), name
     n = 16 * 16
     assert methods["scalar-objective"]["parameters"] == 2
     assert methods["pointwise-supervised"]["parameters"] == 2 * n
     assert methods["convolutional-objective"]["parameters"] == 2 * 25
     assert methods["full-objective"]["parameters"] == n * n
+
+
+def test_early_iterations_and_iterations_to_the_baseline_best(tiny_benchmark):
+    results = json.loads((tiny_benchmark["folder"] / "out" / "spc" / "results.json").read_text())
+    config, methods = results["config"], {m["method"]: m for m in results["methods"]}
+    assert config["early"] == [1] and config["converge"] == 30  # 5 ≥ K = 2 is not an early iteration
+    header = (tiny_benchmark["folder"] / "out" / "spc" / "table.md").read_text().splitlines()[0]
+    assert "PSNR K=1 (dB) | PSNR K=2 (dB)" in header and "iterations to the baseline's best (≤ 30)" in header
+    target = config["baseline_best_minus_tolerance"]
+    for name, method in methods.items():
+        curve, reached = method["psnr_per_iteration"], method["iterations_to_baseline_best"]
+        assert len(curve) == 5 * 2 + 1, name  # every row's curve stops at 5K, the baseline's too
+        if reached is not None and reached <= 10:
+            assert curve[reached] >= target and all(v < target for v in curve[1:reached]), name
+        else:
+            assert all(v < target for v in curve[1:]), name
+    assert methods["baseline"]["iterations_to_baseline_best"] is not None  # it reaches its own best
 
 
 def test_tuning_is_recorded_on_validation(tiny_benchmark):
@@ -88,3 +107,10 @@ def test_unknown_method_is_refused():
 
     with pytest.raises(CheckpointError, match="unknown method"):
         benchmark(["spc"], ["magic"], progress=False)
+
+
+def test_iterations_to_reach_counts_from_the_first_iteration():
+    from d2gp.benchmark import iterations_to_reach
+
+    assert iterations_to_reach([5.0, 20.0, 27.9, 28.0], 27.95) == 3
+    assert iterations_to_reach([30.0, 1.0], 29.0) is None  # k = 0, the start x_0, does not count

@@ -76,9 +76,11 @@ def announce_training(config: TrainConfig, run_dir: str | os.PathLike, resuming:
     """:func:`announce` the training run about to start (or resume): what, on how much data, and
     that the data are loaded first (slow only the first time: then they are cached)."""
     images = "all" if config.train_images is None else config.train_images
-    announce(f"{run_dir}: {'resuming' if resuming else 'training'} {config.method} ({config.preconditioner}) on "
-             f"{config.task}: {images} images × {config.epochs} epochs, batch {config.batch_size}; validation PSNR "
-             f"after each epoch", progress)
+    budget = f"{config.updates} updates" if config.updates else f"{config.epochs} epochs"
+    every = f"every {config.val_every} updates" if config.val_every else "after each epoch"
+    base = f" on top of the tuned {config.base}" if config.base else ""
+    announce(f"{run_dir}: {'resuming' if resuming else 'training'} {config.method} ({config.preconditioner}{base}) on "
+             f"{config.task}: {images} images, {budget} of batch {config.batch_size}; validation PSNR {every}", progress)
     announce(f"loading the data and the denoiser (a dataset's first load also caches it in {cache_dir()})", progress)
 
 

@@ -49,7 +49,8 @@ from d2gp.tasks import TASKS, Task, make_task
 from d2gp.training import TrainConfig, load_npo
 from d2gp.tuning import STEP_FACTORS, classical_candidates, tune_classical
 
-__all__ = ["METHODS", "BENCHMARK_PROFILES", "benchmark", "Method", "classical_candidates", "STEP_FACTORS"]
+__all__ = ["METHODS", "BENCHMARK_PROFILES", "benchmark", "Method", "classical_candidates", "STEP_FACTORS",
+           "iterations_to_reach", "EARLY", "CONVERGE"]
 
 
 @dataclass(frozen=True)
@@ -95,13 +96,30 @@ BENCHMARK_PROFILES = {
         "train": {"spc": dict(train_images=256, epochs=2, batch_size=16, val_images=32),
                   "mri": dict(train_images=64, epochs=2, batch_size=8, val_images=16),
                   "sr": dict(train_images=64, epochs=2, batch_size=8, val_images=16)},
-        "tune_images": 32, "test_images": {"spc": 200, "mri": None, "sr": None},
+        "tune_images": 32, "test_images": {"spc": 200, "spc-binary": 100, "mri": None, "sr": None},
     },
     "paper": {
         "train": {task: dict(train_images=None, epochs=30, batch_size=32, val_images=200) for task in ("spc", "mri", "sr")},
         "tune_images": 200, "test_images": {"spc": None, "mri": None, "sr": None},
     },
 }
+
+#: Iterations k < K whose PSNR Table I reports beside K.
+EARLY = (5, 10)
+#: The baseline's horizon for its converged PSNR (the "iterations to the baseline's best" column).
+CONVERGE = 500
+#: A method has reached the baseline's best once its mean PSNR is within this of it.
+CONVERGED_TOLERANCE_DB = 0.1
+
+
+def iterations_to_reach(psnr_per_iteration: Sequence[float], target: float) -> int | None:
+    """The first iteration k ≥ 1 at which the mean PSNR is at least ``target`` (``None``: never in the list).
+
+    >>> iterations_to_reach([5.0, 20.0, 27.9, 28.0], 27.95)
+    3
+    """
+    return next((k for k, value in enumerate(psnr_per_iteration) if k >= 1 and value >= target), None)
+
 
 @torch.no_grad()
 def _seconds_per_image(physics, images, denoiser, step, K, P) -> float:
@@ -141,7 +159,7 @@ def benchmark(tasks: Sequence[str] = ("spc", "mri", "sr"), methods: Sequence[str
               runs: str | os.PathLike = "runs/benchmark", iterations: int = 20, examples: int = 4,
               progress: bool = True, task_settings: dict | None = None, limit: int | None = None,
               tune_images: int | None = None, device: str | None = "auto", restart: bool = False,
-              **train_overrides) -> dict:
+              early: Sequence[int] = EARLY, converge: int = CONVERGE, **train_overrides) -> dict:
     """Run ``methods`` on ``tasks`` (see the module documentation); returns the tables and results.
 
     :param seeds: training seeds of the learned methods (non-learned ones do not depend on it).
@@ -151,16 +169,25 @@ def benchmark(tasks: Sequence[str] = ("spc", "mri", "sr"), methods: Sequence[str
     :param device: where to train and evaluate (``"auto"``: a CUDA GPU when there is one).
     :param restart: tune and evaluate every method with the solver's adaptive momentum restart
         (:func:`~d2gp.solver.pnp_fista`); off by default: the paper's plain PnP-FISTA.
+    :param early: iterations k < K whose PSNR is also reported (the speed a user buys; default 5 and 10).
+    :param converge: the baseline runs to this many iterations (when it is among ``methods``): the
+        column "iterations to the baseline's best" counts, per method, the first k at which its mean
+        test PSNR comes within :data:`CONVERGED_TOLERANCE_DB` of the best mean PSNR the tuned
+        baseline reaches in ``converge`` iterations ("—" past its own horizon, 5K).
     :param train_overrides: :class:`~d2gp.training.TrainConfig` fields on top of the profile's.
     """
     _check_request(tasks, methods, seeds, iterations)
+    early = sorted({int(k) for k in early if 1 <= int(k) < iterations})
+    if isinstance(converge, bool) or not isinstance(converge, int) or converge < 1:
+        raise CheckpointError(f"converge must be an integer ≥ 1, got {converge!r}")
     if profile not in BENCHMARK_PROFILES:
         raise CheckpointError(f"unknown profile {profile!r}; choose one of {', '.join(BENCHMARK_PROFILES)}")
     settings = BENCHMARK_PROFILES[profile]
     out, runs = Path(out), Path(runs)
     horizons = [h * iterations for h in HORIZONS]
-    header = ["method", "learned", f"PSNR K={iterations} (dB)", f"SSIM K={iterations}",
-              *(f"PSNR {h}K={h * iterations} (dB)" for h in HORIZONS[1:]),
+    header = ["method", "learned", *(f"PSNR K={k} (dB)" for k in early), f"PSNR K={iterations} (dB)",
+              f"SSIM K={iterations}", *(f"PSNR {h}K={h * iterations} (dB)" for h in HORIZONS[1:]),
+              f"iterations to the baseline's best (≤ {max(converge, horizons[-1])})",
               "seed spread (dB)", "parameters", "ratio to D2GP", "training (min)", "inference (ms/image)"]
     device = resolve_device(device)
     all_rows, results = [], {}
@@ -199,9 +226,10 @@ def benchmark(tasks: Sequence[str] = ("spc", "mri", "sr"), methods: Sequence[str
                 P, gamma, record = tune_classical(name, task, val, denoiser, iterations, restart)
                 evaluations.append((P, task.student, gamma))
             runs_of_method, seconds = [], []
+            horizon = max(horizons[-1], converge) if name == "baseline" else horizons[-1]
             for P, physics, step in evaluations:
                 params = _parameters(P)
-                runs_of_method.append(evaluate_solver(method.label, physics, test, denoiser, step, horizons[-1],
+                runs_of_method.append(evaluate_solver(method.label, physics, test, denoiser, step, horizon,
                                                       preconditioner=P, ssim_at=(iterations,), keep_examples=examples,
                                                       examples_at=iterations,
                                                       progress=False, restart=restart))
@@ -209,28 +237,37 @@ def benchmark(tasks: Sequence[str] = ("spc", "mri", "sr"), methods: Sequence[str
             entries.append((name, method, runs_of_method, params, trained_seconds, record, evaluations[0][2],
                             1000 * sum(seconds) / len(seconds)))
         d2gp_params = next((e[3] for e in entries if e[0] == "d2gp"), None)
+        per_iteration = {name: [float(torch.stack([r.psnr[k].mean() for r in runs_of_method]).mean())
+                                for k in range(runs_of_method[0].iterations + 1)]
+                         for name, _, runs_of_method, *_ in entries}
+        target = (max(per_iteration["baseline"][1:]) - CONVERGED_TOLERANCE_DB) if "baseline" in per_iteration else None
         rows, task_results = [], []
         for name, method, runs_of_method, params, trained_seconds, record, step, ms in entries:
             K = iterations
-            pooled = {k: torch.cat([r.psnr[k] for r in runs_of_method]) for k in horizons}
+            reached = iterations_to_reach(per_iteration[name], target) if target is not None else None
+            pooled = {k: torch.cat([r.psnr[k] for r in runs_of_method]) for k in [*early, *horizons]}
             ssim_pooled = torch.cat([r.ssim[K] for r in runs_of_method])
             seed_means = [float(r.psnr[K].mean()) for r in runs_of_method]
             spread = f"{mean_std(seed_means)[1]:.2f}" if len(seed_means) > 1 else "—"
             ratio = f"{params / d2gp_params:.3g}" if (d2gp_params and method.learned) else "—"
             minutes = f"{sum(trained_seconds) / len(trained_seconds) / 60:.1f}" if trained_seconds else "—"
-            rows.append([method.label, "yes" if method.learned else "no", format_mean_std(pooled[K]),
-                         format_mean_std(ssim_pooled, 3), *(format_mean_std(pooled[k]) for k in horizons[1:]), spread,
+            rows.append([method.label, "yes" if method.learned else "no", *(format_mean_std(pooled[k]) for k in early),
+                         format_mean_std(pooled[K]), format_mean_std(ssim_pooled, 3),
+                         *(format_mean_std(pooled[k]) for k in horizons[1:]),
+                         "—" if target is None else str(reached) if reached is not None else f"> {len(per_iteration[name]) - 1}",
+                         spread,
                          params if method.learned else "—", ratio, minutes, f"{ms:.1f}"])
             task_results.append({"method": name, "label": method.label, "learned": method.learned, "parameters": params,
                                  "seeds": len(runs_of_method), "psnr_seed_means": seed_means,
                                  "psnr": {k: mean_std(v) for k, v in pooled.items()}, "ssim": mean_std(ssim_pooled),
-                                 "psnr_per_iteration": [float(torch.stack([r.psnr[k].mean() for r in runs_of_method]).mean())
-                                                        for k in range(horizons[-1] + 1)],
+                                 "psnr_per_iteration": per_iteration[name][:horizons[-1] + 1],
+                                 "iterations_to_baseline_best": reached,
                                  "training_seconds": trained_seconds, "inference_ms_per_image": ms,
                                  "parameter_megabytes": 4 * params / 1e6,  # float32; Adam training holds 4×
                                  "step_size": step, "tuning_or_runs": record})
         task_out = out / task_name
-        task_config = {"restart": restart, "profile": profile, "train": train_settings, "seeds": list(seeds), "iterations": iterations,
+        task_config = {"restart": restart, "profile": profile, "early": early, "converge": converge,
+                       "baseline_best_minus_tolerance": target, "tolerance_db": CONVERGED_TOLERANCE_DB, "train": train_settings, "seeds": list(seeds), "iterations": iterations,
                        "task": task.config.to_dict(), "test_images": len(test), "tune_images": len(val)}
         write_results(task_out, header, rows, {"config": task_config, "methods": task_results}, device=device)
         first_runs = [e[2][0] for e in entries]

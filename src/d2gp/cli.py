@@ -330,7 +330,8 @@ def cmd_benchmark(args: argparse.Namespace) -> None:
     check_output_path(args.out, folder=True)
     check_output_path(args.runs, folder=True, what="--runs")
     result = benchmark(args.tasks, args.methods, profile=args.profile, seeds=args.seeds, out=args.out, runs=args.runs,
-                       iterations=args.iterations, device=args.device, restart=args.restart)
+                       iterations=args.iterations, device=args.device, restart=args.restart, early=args.early,
+                       converge=args.converge)
     print(result["table"])
     print(f"wrote {result['out']}/ (table.md, table.csv, results.json; per task: examples.png, psnr_curves.png)")
 
@@ -416,7 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device_argument(p)
     p.set_defaults(func=cmd_demo)
 
-    from d2gp.benchmark import BENCHMARK_PROFILES, METHODS
+    from d2gp.benchmark import BENCHMARK_PROFILES, CONVERGE, EARLY, METHODS
 
     p = sub.add_parser("benchmark", help="every preconditioner on every task: the paper's Table I, tuned on validation")
     p.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS), metavar="TASK",
@@ -426,7 +427,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", choices=list(BENCHMARK_PROFILES), default="quick",
                    help="quick: the whole table on 3 tasks in about 40 minutes on 2 CPU cores; paper: larger, for a GPU")
     p.add_argument("--seeds", nargs="+", type=_non_negative, default=[0], help="training seeds of the learned methods")
-    p.add_argument("--iterations", "-K", type=_positive, default=20, help="PnP-FISTA iterations K (evaluated to 2K)")
+    p.add_argument("--iterations", "-K", type=_positive, default=20, help="PnP-FISTA iterations K (evaluated to 5K)")
+    p.add_argument("--early", nargs="*", type=_positive, default=list(EARLY), metavar="k",
+                   help=f"iterations k < K whose PSNR is reported too (default {' '.join(map(str, EARLY))})")
+    p.add_argument("--converge", type=_positive, default=CONVERGE,
+                   help=f"the baseline runs this many iterations for the 'iterations to the baseline's best' column "
+                        f"(default {CONVERGE})")
     p.add_argument("--out", default="results/benchmark", help="output folder")
     p.add_argument("--runs", default="runs/benchmark", help="training runs (RUNS/TASK/METHOD-seedS), reused when finished")
     _add_device_argument(p)
