@@ -94,7 +94,7 @@ from d2gp.tasks.base import measure
 __all__ = [
     "jvp_columns", "vjp_rows", "jacobian", "finite_difference", "finite_difference_agreement", "lanczos",
     "jacobian_properties", "RangeBasis", "range_basis", "preconditioned_spectrum", "linearization_error",
-    "homogeneity_error", "analyze_preconditioner", "convergence_curves", "benchmark_methods", "convergence",
+    "homogeneity_error", "teacher_alignment", "analyze_preconditioner", "convergence_curves", "benchmark_methods", "convergence",
     "analyze", "KRYLOV_MAX_CONDITION",
 ]
 
@@ -555,6 +555,24 @@ def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values)
 
 
+def teacher_alignment(task: Task, trace, y_t: torch.Tensor) -> list[dict]:
+    r"""How well the student's (preconditioned) gradients point along the teacher's, per iteration.
+
+    :param trace: the :class:`~d2gp.solver.Trace` of the student's preconditioned run.
+    :param y_t: the teacher's measurements of the same images.
+    :return: per k, ``{"k", "cos_preconditioned_teacher": mean cos(P g_k, ∇f_t(z_k)),
+        "cos_gradient_teacher": mean cos(g_k, ∇f_t(z_k))}`` over the images, with
+        :math:`∇f_t(z) = A_t^\top(A_t z − y_t)` at the student's iterate z_k (the D2GP gradient loss's target).
+    """
+    records = []
+    with torch.no_grad():
+        for k, (grad, pgrad, z) in enumerate(zip(trace.grad, trace.preconditioned, trace.z)):
+            teacher = task.teacher.A_adjoint(task.teacher.A(z) - y_t)
+            records.append({"k": k, "cos_preconditioned_teacher": _mean(_cosine(pgrad, teacher).tolist()),
+                            "cos_gradient_teacher": _mean(_cosine(grad, teacher).tolist())})
+    return records
+
+
 def analyze_preconditioner(P, task: Task, images: torch.Tensor, at: Sequence[int], *, basis: RangeBasis,
                            denoiser=None, step_size: Optional[float] = None, noise_seed: int = 0,
                            dense_jacobian: bool = True, spectrum: str = "dense", sample: int = 64,
@@ -581,15 +599,11 @@ def analyze_preconditioner(P, task: Task, images: torch.Tensor, at: Sequence[int
     with torch.no_grad():
         _, trace = pnp_fista(task.student, y_s, denoiser, gamma, max(at) + 1, P, trace=True)
     V = basis.vectors
-    alignment = []
-    for k in range(max(at) + 1):
-        grad, pgrad, z = trace.grad[k], trace.preconditioned[k], trace.z[k]
-        teacher = task.teacher.A_adjoint(task.teacher.A(z) - y_t)
+    alignment = teacher_alignment(task, trace, y_t)
+    for record, pgrad in zip(alignment, trace.preconditioned):
         flat = pgrad.flatten(1).double()
         inside = (flat @ V.T).pow(2).sum(1)
-        alignment.append({"k": k, "cos_preconditioned_teacher": _mean(_cosine(pgrad, teacher).tolist()),
-                          "cos_gradient_teacher": _mean(_cosine(grad, teacher).tolist()),
-                          "outside_range": _mean((1 - inside / flat.pow(2).sum(1).clamp_min(1e-300)).tolist())})
+        record["outside_range"] = _mean((1 - inside / flat.pow(2).sum(1).clamp_min(1e-300)).tolist())
     per_k = {}
     for k in at:
         records = []
