@@ -184,6 +184,7 @@ FLAG_CASES = [
     (TRAIN + ["--grad-clip", "0"], "grad_clip must be > 0 (or unset), got 0.0"),
     (TRAIN + ["--tail", "0"], "tail must be in [1, iterations = 20], got 0"),
     (TRAIN + ["--tail", "99"], "tail must be in [1, iterations = 20], got 99"),
+    (["--import", "no_such_module_anywhere"] + TRAIN, "--import no_such_module_anywhere: ModuleNotFoundError"),
     (TRAIN + ["--device", "tpu"], "unknown device 'tpu'"),
     (RECON + ["--device", "tpu"], "unknown device 'tpu'"),
     (EVAL + ["--device", "tpu"], "unknown device 'tpu'"),

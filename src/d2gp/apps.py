@@ -12,6 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
+import torch
 from tqdm.auto import tqdm
 
 from d2gp.checkpoints import CheckpointError, read_json, require_entries
@@ -142,7 +143,8 @@ def evaluation_dir(run_dirs: Sequence[str | os.PathLike]) -> Path:
 def evaluate_runs(run_dirs: Sequence[str | os.PathLike], *, split: str = "test", limit: int | None = None,
                   iterations: int | None = None, out: str | os.PathLike | None = None, batch_size: int = 64,
                   examples: int = 4, progress: bool = True, device: str | None = "auto",
-                  safeguard: float | None = None, horizons: Sequence[int] = HORIZONS, restart: bool = True) -> dict:
+                  safeguard: float | None = None, horizons: Sequence[int] = HORIZONS, restart: bool = True,
+                  images: torch.Tensor | None = None, val_images: torch.Tensor | None = None) -> dict:
     """Compare trained NPOs with the student baseline (step tuned on validation) and the teacher.
 
     Every method runs to 5K iterations (K = the runs' training K unless ``iterations``; other
@@ -153,6 +155,12 @@ def evaluate_runs(run_dirs: Sequence[str | os.PathLike], *, split: str = "test",
     included — runs with the solver's adaptive momentum restart, which keeps both the tuned
     baseline and the learned preconditioners stable past K (``benchmarks/results/stability``).
     The results go to ``out``, by default :func:`evaluation_dir` of the runs.
+
+    The task is rebuilt from the runs' ``config.json`` by name: a task of your own must be
+    registered first (:func:`d2gp.tasks.own_task`, :func:`d2gp.tasks.register_task`).
+
+    :param images, val_images: the test and validation images, instead of the task's dataset's
+        ``split`` and validation split (for a task without a dataset).
     """
     run_dirs = [Path(d) for d in run_dirs]
     configs = [_run_config(d) for d in run_dirs]
@@ -173,8 +181,9 @@ def evaluate_runs(run_dirs: Sequence[str | os.PathLike], *, split: str = "test",
     out.mkdir(parents=True, exist_ok=True)
     announce(f"evaluating on {task.name}: loading the {split} and validation images and the denoiser", progress)
     denoiser = task.denoiser()
-    images = task.images(split, limit=limit)
-    val = task.images("val", limit=train_config.val_images)
+    images = task.images(split, limit=limit) if images is None else task.check_images(images, f"{split} images")[:limit]
+    val = task.images("val", limit=train_config.val_images) if val_images is None else \
+        task.check_images(val_images, "validation images")[:train_config.val_images]
 
     announce(f"tuning the student baseline's step size γ on {len(val)} validation images at K = {K} "
              f"(a grid, then golden-section search){', with adaptive restart' if restart else ''}", progress)

@@ -73,7 +73,7 @@ from d2gp.tasks.base import measure
 
 __all__ = ["TrainConfig", "TrainingError", "train", "saved_train_config", "load_npo", "save_npo", "shipped_npo_path",
            "build_preconditioner", "TeacherTargets", "NPO_FORMAT", "METHODS", "PRECONDITIONERS", "UNROLL_MODES",
-           "SCHEDULES", "DEFAULT_LR", "check_not_diverged", "DIVERGED_DB"]
+           "SCHEDULES", "DEFAULT_LR", "check_not_diverged", "DIVERGED_DB", "check_task"]
 
 _STATE_FORMAT = "d2gp-npo-training"
 METHODS = ("d2gp", "supervised", "objective")
@@ -246,6 +246,29 @@ class TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 
+
+def check_task(config: TrainConfig, task: Task) -> None:
+    """Refuse a task given to :func:`train` that the run directory could not rebuild: another name than
+    ``config.task``, a class that is not registered under it, or settings that ``config.task_settings``
+    does not give (the run is evaluated and resumed on ``make_task(config.task, **config.task_settings)``).
+
+    :raises TrainingError: naming what differs.
+    """
+    from d2gp.tasks import TASKS, task_config
+
+    if config.task != task.name:
+        raise TrainingError(f"TrainConfig.task is {config.task!r} but the task given is {task.name!r}: set "
+                            f"TrainConfig(task={task.name!r}, ...), the name its runs are rebuilt from")
+    if TASKS.get(task.name) is not type(task.config):
+        raise TrainingError(f"task {task.name!r} is not registered: register its configuration with "
+                            f"d2gp.tasks.register_task (or build it with d2gp.tasks.own_task), so that its runs can be "
+                            f"evaluated and resumed later")
+    rebuilt, given = task_config(config.task, **config.task_settings).to_dict(), task.config.to_dict()
+    changed = sorted(k for k in set(rebuilt) | set(given) if rebuilt.get(k) != given.get(k))
+    if changed:
+        raise TrainingError(f"the task given differs from TrainConfig.task_settings in {', '.join(changed)} "
+                            f"({', '.join(f'{k}={given.get(k)!r}' for k in changed)}): put them in task_settings, "
+                            f"from which its runs are rebuilt")
 
 def build_preconditioner(config: TrainConfig, task: Task) -> torch.nn.Module:
     """The untrained preconditioner of ``config`` for ``task``'s images (identity at init), on the task's device.
@@ -452,6 +475,8 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = Fal
     :raises ~d2gp.checkpoints.LockedError: another process trains into ``run_dir``.
     """
     config.validate()
+    if task is not None:
+        check_task(config, task)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     _check_run_dir(run_dir, config, resume)

@@ -22,6 +22,7 @@ from d2gp.checkpoints import CheckpointError, atomic_save, load_checkpoint, requ
 from d2gp.device import to_cpu
 from d2gp.preconditioners.learned_linear import build_linear
 from d2gp.preconditioners.npo import NPO
+from d2gp.tasks.own import same_operators
 
 __all__ = ["NPO_FORMAT", "save_npo", "load_npo", "shipped_npo_path", "rebuild"]
 
@@ -82,6 +83,10 @@ def load_npo(source: str | os.PathLike, task=None, device: str | torch.device | 
         channels = data["npo"].get("channels", 1)
         if channels != task.image_shape[0]:
             raise CheckpointError(f"NPO weights {path} work on {channels}-channel images, the task has {task.image_shape[0]}")
+        recorded = data.get("task_config", {}).get("operators") if isinstance(data.get("task_config"), dict) else None
+        if recorded is not None and not same_operators(recorded, task.config.to_dict().get("operators")):
+            raise CheckpointError(f"NPO weights {path} were trained on other operators than task {task.name!r} has now: "
+                                  f"register the pair it was trained on (the same own_task call)")
     kind = data.get("kind", "npo")
     try:
         npo = rebuild(kind, data["npo"])
