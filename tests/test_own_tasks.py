@@ -263,7 +263,7 @@ def test_the_pair_trains_evaluates_reloads_resumes_and_is_evaluated_again_from_i
     config = _config(val_every=1)
     straight = tmp_path / "straight"
     summary = train(config, straight, progress=False)  # the task found by name, its data from the dataset
-    assert summary["updates"] == 2
+    assert summary["updates"] == 2 and summary["step_size"] == pytest.approx(task.student_step_size)
     saved = json.loads((straight / "config.json").read_text())
     assert saved["train"]["task"] == NAME and saved["task"]["operators"] == task.config.to_dict()["operators"]
 
@@ -271,7 +271,7 @@ def test_the_pair_trains_evaluates_reloads_resumes_and_is_evaluated_again_from_i
     labels = [m["label"] for m in first["results"]["methods"]]
     assert labels == ["student baseline", "D2GP", "teacher (upper bound)"]
     npo, meta = load_npo(straight, make_task(NAME))
-    assert meta["task"] == NAME
+    assert meta["task"] == NAME and meta["step_size"] is None  # trained at the task's own step
 
     calls = {"n": 0}  # killed in its second validation, then resumed: the same weights
     original = training.evaluate_solver

@@ -22,6 +22,7 @@ from d2gp.evaluation import evaluate_solver, format_mean_std, tune_step_size
 from d2gp.plots import examples_figure, psnr_curves
 from d2gp.reports import markdown_table, write_results
 from d2gp.tasks import make_task
+from d2gp.preconditioners.files import trained_step_size
 from d2gp.training import TrainConfig, load_npo, saved_train_config, train
 
 __all__ = ["evaluate_runs", "evaluation_dir", "demo", "ensure_trained", "announce", "announce_training",
@@ -157,7 +158,9 @@ def evaluate_runs(run_dirs: Sequence[str | os.PathLike], *, split: str = "test",
     The results go to ``out``, by default :func:`evaluation_dir` of the runs.
 
     The task is rebuilt from the runs' ``config.json`` by name: a task of your own must be
-    registered first (:func:`d2gp.tasks.own_task`, :func:`d2gp.tasks.register_task`).
+    registered first (:func:`d2gp.tasks.own_task`, :func:`d2gp.tasks.register_task`). Each learned
+    preconditioner runs with the student step it was trained with
+    (:func:`~d2gp.preconditioners.files.trained_step_size`).
 
     :param images, val_images: the test and validation images, instead of the task's dataset's
         ``split`` and validation split (for a task without a dataset).
@@ -196,9 +199,10 @@ def evaluate_runs(run_dirs: Sequence[str | os.PathLike], *, split: str = "test",
         label = METHOD_LABELS.get(meta["method"], meta["method"])
         if per_method.count(meta["method"]) > 1:  # several runs of one method: name them
             label = f"{label} ({run_dir.name})"
-        methods.append((label, task.student, task.student_step_size, npo, None))
+        step = trained_step_size(meta, task)
+        methods.append((label, task.student, step, npo, None))
         if safeguard is not None:
-            methods.append((f"{label}, safeguard ρ={safeguard:g}", task.student, task.student_step_size, npo, safeguard))
+            methods.append((f"{label}, safeguard ρ={safeguard:g}", task.student, step, npo, safeguard))
     methods.append(("teacher (upper bound)", task.teacher, task.teacher_step_size, None, None))
 
     announce(f"running {len(methods)} methods to {multiples[-1]}K = {horizon} iterations on {len(images)} {split} images", progress)

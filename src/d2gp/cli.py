@@ -157,6 +157,9 @@ _TRAIN_FLAGS = {
     "tail": "the imitation and supervised losses average over the last TAIL iterates x_{K-TAIL+1} … x_K; "
              "1 is the paper's loss on x_K alone (None: min(10, K))",
     "teacher_cache": "compute the teacher's targets once per training image instead of every update",
+    "step_size": "the student's step γ the preconditioner is trained and evaluated with (the task itself, and the "
+                 "baseline's tuning, keep --student-step-size)",
+    "tune_step": "tune γ on the validation split before training (as the baseline's), instead of starting at 1/L",
 }
 _NPO_FLAGS = {
     "width": (int, "NPO channels per block"),
@@ -173,7 +176,8 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     from d2gp.training import DEFAULT_LR, TrainConfig
 
     defaults, hints = TrainConfig(), typing.get_type_hints(TrainConfig)
-    defaults_shown = {"lr": "per preconditioner: " + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items())}
+    defaults_shown = {"lr": "per preconditioner: " + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()),
+                      "step_size": "the task's student step, 1/L"}
     group = parser.add_argument_group("training settings")
     presets = [f"{k}: {v}" for k, v in PROFILES.items()] + [f"{p} on {t}: also {v}" for (p, t), v in TASK_PROFILES.items()]
     group.add_argument("--profile", choices=list(PROFILES), default="quick",
@@ -255,12 +259,13 @@ def cmd_reconstruct(args: argparse.Namespace) -> None:
     if args.preconditioner != "identity":  # files first, then data and compute
         from d2gp.training import load_npo
 
+        from d2gp.preconditioners.files import trained_step_size
+
         npo, meta = load_npo(args.preconditioner, task)
-        label = f"student + {meta['method']} NPO"
-        methods.append((label, task.student, task.student_step_size, npo, None))
+        label, step = f"student + {meta['method']} NPO", trained_step_size(meta, task)
+        methods.append((label, task.student, step, npo, None))
         if args.safeguard is not None:
-            methods.append((f"{label}, safeguard ρ={args.safeguard:g}", task.student, task.student_step_size, npo,
-                            args.safeguard))
+            methods.append((f"{label}, safeguard ρ={args.safeguard:g}", task.student, step, npo, args.safeguard))
         if meta.get("task_config") != task.config.to_dict():
             print(f"note: the NPO was trained with other task settings ({meta.get('task_config')})")
     denoiser = task.denoiser()

@@ -61,10 +61,10 @@ from d2gp.checkpoints import (
     save_training_state, seed_everything, write_json,
 )
 from d2gp.device import precision, prepare, resolve_device
-from d2gp.evaluation import evaluate_solver
+from d2gp.evaluation import evaluate_solver, tune_step_size
 from d2gp.losses import TEACHER_GRADIENT_AT, LossWeights, gradient_loss, imitation_loss, supervised_loss
 from d2gp.preconditioners import NPO
-from d2gp.preconditioners.files import NPO_FORMAT, load_npo, save_npo, shipped_npo_path
+from d2gp.preconditioners.files import NPO_FORMAT, load_npo, save_npo, shipped_npo_path, trained_step_size
 from d2gp.preconditioners.learned_linear import LINEAR_PRECONDITIONERS, build_linear, objective_loss
 from d2gp.reports import environment
 from d2gp.solver import pnp_fista
@@ -73,7 +73,8 @@ from d2gp.tasks.base import measure
 
 __all__ = ["TrainConfig", "TrainingError", "train", "saved_train_config", "load_npo", "save_npo", "shipped_npo_path",
            "build_preconditioner", "TeacherTargets", "NPO_FORMAT", "METHODS", "PRECONDITIONERS", "UNROLL_MODES",
-           "SCHEDULES", "DEFAULT_LR", "check_not_diverged", "DIVERGED_DB", "check_task"]
+           "SCHEDULES", "DEFAULT_LR", "check_not_diverged", "DIVERGED_DB", "training_step_size", "trained_step_size",
+           "check_task"]
 
 _STATE_FORMAT = "d2gp-npo-training"
 METHODS = ("d2gp", "supervised", "objective")
@@ -156,6 +157,9 @@ class TrainConfig:
     # What the loss looks at.
     tail: int | None = None  # None: min(10, iterations), see loss_tail
     teacher_cache: bool = True
+    # The student's step γ that the preconditioner is trained (and evaluated) with.
+    step_size: float | None = None  # None: the task's student step (1/L unless its settings give one)
+    tune_step: bool = False  # tune γ on the validation split before training (tune_step_size), as the baseline is
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -194,6 +198,11 @@ class TrainConfig:
         if self.unroll == "truncated" and self.tail is not None and self.tail > self.truncate:
             raise TrainingError(f"tail ({self.tail}) must not exceed truncate ({self.truncate}): the loss would "
                                 f"look at iterates that no gradient reaches")
+        if self.step_size is not None and (isinstance(self.step_size, bool) or not isinstance(self.step_size, (int, float))
+                                           or not (self.step_size > 0 and math.isfinite(self.step_size))):
+            raise TrainingError(f"step_size must be a finite number > 0 (or unset: the task's 1/L), got {self.step_size!r}")
+        if self.tune_step and self.step_size is not None:
+            raise TrainingError(f"give step_size ({self.step_size}) or tune_step, not both: tune_step chooses the step")
         if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
             raise TrainingError(f"lr must be a finite number > 0, got {self.lr}")
         if self.train_images is not None and not (isinstance(self.train_images, int) and self.train_images >= 1):
@@ -247,6 +256,12 @@ class TrainConfig:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
+def training_step_size(config: TrainConfig, task: Task) -> float:
+    """The student's step γ a preconditioner is trained with: ``config.step_size``, else the task's
+    student step (1/‖A_sᵀA_s‖ unless the task's settings give one)."""
+    return config.step_size if config.step_size is not None else task.student_step_size
+
+
 def check_task(config: TrainConfig, task: Task) -> None:
     """Refuse a task given to :func:`train` that the run directory could not rebuild: another name than
     ``config.task``, a class that is not registered under it, or settings that ``config.task_settings``
@@ -269,6 +284,7 @@ def check_task(config: TrainConfig, task: Task) -> None:
         raise TrainingError(f"the task given differs from TrainConfig.task_settings in {', '.join(changed)} "
                             f"({', '.join(f'{k}={given.get(k)!r}' for k in changed)}): put them in task_settings, "
                             f"from which its runs are rebuilt")
+
 
 def build_preconditioner(config: TrainConfig, task: Task) -> torch.nn.Module:
     """The untrained preconditioner of ``config`` for ``task``'s images (identity at init), on the task's device.
@@ -358,7 +374,7 @@ def unrolled_loss(config: TrainConfig, task: Task, npo, denoiser, x: torch.Tenso
         ``teacher_gradient="teacher"`` only.
     """
     weights, K = config.weights, config.iterations
-    gamma_s = task.student_step_size
+    gamma_s = training_step_size(config, task)
     grad_from = K - config.truncate if config.unroll == "truncated" else 0
     run = dict(trace=True, checkpoint=config.unroll == "checkpoint", autocast=config.autocast, grad_from=grad_from)
     _, student_trace = pnp_fista(task.student, y_s, denoiser, gamma_s, K, npo, **run)
@@ -490,15 +506,19 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = Fal
     train_images = task.check_images(train_images, "training images").to(device)
     updates_per_epoch = math.ceil(len(train_images) / config.batch_size)
     total = config.updates or config.epochs * updates_per_epoch
-    write_json({"train": config.to_dict(), "task": task.config.to_dict(), "environment": environment(device),
-                "data": {"train": len(train_images), "val": len(val_images), "dataset": task.dataset},
-                "updates": {"total": total, "per_epoch": updates_per_epoch},
-                "runtime": {"device": str(device), "compile": bool(compile)},
-                "step_size": {"student": task.student_step_size, "teacher": task.teacher_step_size}},
-               run_dir / "config.json")
 
     seed_everything(config.seed)
     denoiser = task.denoiser().requires_grad_(False)
+    # ``given`` is recorded as it was asked for; ``config`` carries the step it resolved to (tune_step).
+    given, (config, tuning) = config, _resolve_step(config, task, val_images, denoiser, run_dir, resume)
+    write_json({"train": given.to_dict(), "task": task.config.to_dict(), "environment": environment(device),
+                "data": {"train": len(train_images), "val": len(val_images), "dataset": task.dataset},
+                "updates": {"total": total, "per_epoch": updates_per_epoch},
+                "runtime": {"device": str(device), "compile": bool(compile)},
+                "step_size": {"student": task.student_step_size, "teacher": task.teacher_step_size,
+                              "training": training_step_size(config, task),
+                              **({"tuning": tuning} if tuning is not None else {})}},
+               run_dir / "config.json")
     npo = build_preconditioner(config, task)
     optimizer = _build_optimizer(config, npo)
     scheduler = _build_scheduler(config, optimizer, total)
@@ -557,8 +577,8 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = Fal
         if checkpoints and update == checkpoints[0]:
             checkpoints.pop(0)
             npo.eval()
-            run = evaluate_solver("val", task.student, val_images, denoiser, task.student_step_size, config.iterations,
-                                  preconditioner=npo, progress=False)
+            run = evaluate_solver("val", task.student, val_images, denoiser, training_step_size(config, task),
+                                  config.iterations, preconditioner=npo, progress=False)
             npo.train()
             val_psnr = float(run.psnr[config.iterations].mean())
             if config.schedule == "plateau":
@@ -570,8 +590,8 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = Fal
             history.append(row)
             if val_psnr > best:
                 best = val_psnr
-                save_npo(npo, run_dir / "best.pt", task, config, {"val_psnr": val_psnr, "update": update,
-                                                                  "epoch": row["epoch"]})
+                save_npo(npo, run_dir / "best.pt", task, given, {"val_psnr": val_psnr, "update": update,
+                                                                 "epoch": row["epoch"], "step_size": config.step_size})
             if progress:
                 bar.write(f"{config.method} {task.name} update {update}/{total}: loss {row['loss']:.4g}, "
                           f"val PSNR {val_psnr:.2f} dB (best {best:.2f}), {seconds:.0f} s")
@@ -584,18 +604,38 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = Fal
             sums, count, window_began = {}, 0, time.perf_counter()
     bar.close()
     npo.eval()
-    identity = evaluate_solver("identity", task.student, val_images, denoiser, task.student_step_size,
+    identity = evaluate_solver("identity", task.student, val_images, denoiser, training_step_size(config, task),
                                config.iterations, progress=False)
     check_not_diverged(best, float(identity.psnr[config.iterations].mean()))
-    save_npo(npo, run_dir / "last.pt", task, config, {"val_psnr": val_psnr, "update": total,
-                                                      "epoch": round(total / updates_per_epoch, 4)})
+    save_npo(npo, run_dir / "last.pt", task, given, {"val_psnr": val_psnr, "update": total,
+                                                     "epoch": round(total / updates_per_epoch, 4),
+                                                     "step_size": config.step_size})
     training_seconds = sum(r["seconds"] for r in history)
     summary = {"best_val_psnr": best, "final_val_psnr": val_psnr, "updates": total,
                "epochs": round(total / updates_per_epoch, 4), "training_seconds": training_seconds,
                "seconds_per_update": training_seconds / max(1, total), "seconds_this_session": time.perf_counter() - began,
-               "run_dir": str(run_dir)}
+               "step_size": training_step_size(config, task), "run_dir": str(run_dir)}
     write_json(summary, run_dir / "summary.json")
     return summary
+
+
+def _resolve_step(config: TrainConfig, task: Task, val_images: torch.Tensor, denoiser, run_dir: Path,
+                  resume: bool) -> tuple[TrainConfig, dict | None]:
+    """``config`` with the step it trains with, and the tuning record (``None`` unless ``tune_step``).
+
+    With ``tune_step`` the step is :func:`~d2gp.evaluation.tune_step_size` of the plain student
+    (P = I, the preconditioner's starting point) on the validation images at K — the baseline's
+    tuning, without restart as training runs — unless a resumed run recorded it already.
+    """
+    if not config.tune_step:
+        return config, None
+    if resume and (run_dir / "checkpoint.pt").exists():
+        recorded = read_json(run_dir / "config.json", "run configuration").get("step_size", {})
+        if isinstance(recorded, dict) and isinstance(recorded.get("training"), (int, float)) and "tuning" in recorded:
+            return dataclasses.replace(config, step_size=float(recorded["training"])), recorded["tuning"]
+    with torch.no_grad():
+        gamma, record = tune_step_size(task.student, val_images, denoiser, task.student_step_size, config.iterations)
+    return dataclasses.replace(config, step_size=gamma), {"chosen": gamma, "val_psnr_by_step": record}
 
 
 def _tensorboard(run_dir: Path):
