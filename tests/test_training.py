@@ -334,3 +334,89 @@ def test_the_unrolled_loss_compiles_as_one_graph(tiny, one_thread):
     compiled = torch.compile(eager, backend="eager", fullgraph=True)  # fullgraph: a break is an error
     (a, terms_a), (b, terms_b) = eager(x, y_s, teacher.y, teacher.x), compiled(x, y_s, teacher.y, teacher.x)
     assert torch.equal(a, b) and terms_a.keys() == terms_b.keys() == {"gradient", "imitation", "supervised"}
+
+
+# --- the step size a preconditioner is trained with -----------------------------------------------
+def test_training_step_size_defaults_to_the_tasks_and_is_checked(tiny):
+    task = make_task("spc", **tiny["settings"])
+    assert training.training_step_size(_config(tiny), task) == task.student_step_size
+    assert training.training_step_size(_config(tiny, step_size=0.7), task) == 0.7
+    for bad in (0.0, -1.0, float("inf"), True, "1"):
+        with pytest.raises(TrainingError, match="step_size must be a finite number > 0"):
+            _config(tiny, step_size=bad).validate()
+    with pytest.raises(TrainingError, match=r"give step_size \(0.5\) or tune_step, not both"):
+        _config(tiny, step_size=0.5, tune_step=True).validate()
+
+
+def test_the_unrolled_loss_runs_the_student_at_the_training_step(tiny):
+    config = _config(tiny, method="supervised", tail=1, step_size=0.6)
+    task = make_task("spc", **config.task_settings)
+    den, x = task.denoiser(), tiny["train"][:4]
+    npo = training.build_preconditioner(config, task)
+    with torch.no_grad():
+        _, terms = training._loss(config, task, npo, den, x, seed=5)
+        y = training.measure(task.student, x, seed=5)
+        expected = supervised_loss(pnp_fista(task.student, y, den, 0.6, 3, npo), x)
+    assert terms["supervised"] == pytest.approx(float(expected), rel=1e-6)
+    assert task.student_step_size == pytest.approx(1.0)  # so 0.6 is another step than the task's
+
+
+def test_a_run_at_its_own_step_records_it_and_is_evaluated_at_it(tiny, tmp_path):
+    from d2gp.apps import evaluate_runs
+
+    summary = _train(tiny, _config(tiny, epochs=1, step_size=0.6), tmp_path / "run")
+    assert summary["step_size"] == 0.6
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["train"]["step_size"] == 0.6 and saved["step_size"]["training"] == 0.6
+    for name in ("best.pt", "last.pt"):
+        assert load_checkpoint(tmp_path / "run" / name)["step_size"] == 0.6
+    npo, meta = load_npo(tmp_path / "run", make_task("spc", **tiny["settings"]))
+    assert training.trained_step_size(meta, make_task("spc", **tiny["settings"])) == 0.6
+    result = evaluate_runs([tmp_path / "run"], images=tiny["val"][:2], val_images=tiny["val"], progress=False)
+    steps = {m["label"]: m["step_size"] for m in result["results"]["methods"]}
+    assert steps["D2GP"] == 0.6 and steps["teacher (upper bound)"] == pytest.approx(1.0)
+    assert result["results"]["images"] == 2
+
+
+def test_tune_step_starts_from_the_tuned_step_and_resume_keeps_it(tiny, tmp_path, monkeypatch):
+    from d2gp.evaluation import tune_step_size
+
+    config = _config(tiny, epochs=1, tune_step=True)
+    summary = _train(tiny, config, tmp_path / "run")
+    task = make_task("spc", **tiny["settings"])
+    tuned, record = tune_step_size(task.student, tiny["val"], task.denoiser(), task.student_step_size, 3)
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["train"]["tune_step"] is True and saved["train"]["step_size"] is None  # as asked for
+    assert saved["step_size"]["training"] == tuned == summary["step_size"] != task.student_step_size
+    assert saved["step_size"]["tuning"] == {"chosen": tuned, "val_psnr_by_step": record}
+    assert load_checkpoint(tmp_path / "run" / "best.pt")["step_size"] == tuned
+
+    def no_tuning(*args, **kwargs):
+        raise AssertionError("a resumed run reads its tuned step, it does not tune again")
+
+    monkeypatch.setattr(training, "tune_step_size", no_tuning)
+    assert _train(tiny, config, tmp_path / "run", resume=True)["step_size"] == tuned
+
+
+def test_runs_and_weights_from_before_the_step_size_still_load(tiny, tmp_path):
+    """config.json without step_size/tune_step is the default run; a weights file without step_size was
+    trained at the task's step; a crafted one is refused."""
+    old = _config(tiny).to_dict()
+    del old["step_size"], old["tune_step"]
+    (tmp_path / "config.json").write_text(json.dumps({"train": old}))
+    assert training.saved_train_config(tmp_path) == _config(tiny).to_json_dict()
+    task = make_task("spc")
+    _, meta = load_npo("d2gp", task)
+    assert "step_size" not in meta and training.trained_step_size(meta, task) == task.student_step_size
+    data = load_checkpoint(training.shipped_npo_path("spc"))
+    atomic_save({**data, "step_size": "fast"}, tmp_path / "crafted.pt")
+    with pytest.raises(CheckpointError, match="records the training step size 'fast', not a number > 0"):
+        load_npo(tmp_path / "crafted.pt")
+
+
+def test_the_command_line_sets_the_training_step():
+    from d2gp.cli import _train_config_from_args, build_parser
+
+    parse = lambda *flags: _train_config_from_args(build_parser().parse_args(["train", "--task", "spc", *flags]))
+    assert parse().step_size is None and parse().tune_step is False
+    assert parse("--step-size", "1.5").step_size == 1.5 and parse("--tune-step").tune_step is True

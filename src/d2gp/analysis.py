@@ -585,7 +585,8 @@ def analyze_preconditioner(P, task: Task, images: torch.Tensor, at: Sequence[int
     and each image, :math:`J_k` is taken at :math:`g_k = ∇f_s(z_k)`.
 
     :param basis: :func:`range_basis` of the student (with vectors).
-    :param step_size: the student's γ (default the task's, as learned preconditioners run).
+    :param step_size: the student's γ (default the task's; a learned preconditioner's is the one it was
+        trained with, :func:`~d2gp.preconditioners.files.trained_step_size`).
     :param dense_jacobian: dense J (see :func:`jacobian_properties`).
     :param spectrum: ``"dense"`` or ``"krylov"`` (see :func:`preconditioned_spectrum`).
     :return: ``{"per_k": {k: {"jacobian", "spectrum", "fd", "linearization", "homogeneity"} averaged
@@ -901,6 +902,7 @@ def analyze(sources: Sequence[str], task: Task, out: str | os.PathLike, *, at: S
         ``SLUG/jacobian.png``, ``SLUG/nonlinearity.png``; ``convergence.*`` with ``benchmark``).
     """
     from d2gp.plots import nonlinearity_figure, spectra_figure, stencil_figure
+    from d2gp.preconditioners.files import trained_step_size
     from d2gp.training import load_npo
 
     say = (lambda text: print(text, flush=True)) if progress else (lambda text: None)
@@ -964,7 +966,8 @@ def analyze(sources: Sequence[str], task: Task, out: str | os.PathLike, *, at: S
             started = time.perf_counter()
             result = analyze_preconditioner(
                 item["preconditioner"], task, test, ks, basis=student, denoiser=denoiser, dense_jacobian=dense_jacobian,
-                spectrum=spectrum, sample=sample, lanczos_steps=lanczos_steps, krylov_steps=krylov_steps,
+                step_size=trained_step_size(item["meta"], task), spectrum=spectrum, sample=sample,
+                lanczos_steps=lanczos_steps, krylov_steps=krylov_steps,
                 fd_probes=fd_probes, progress=lambda text: say(f"  {text}"))
             result.update(source=item["source"], label=item["label"], seconds=time.perf_counter() - started,
                           method=item["meta"]["method"], kind=item["meta"].get("kind", "npo"),
@@ -1017,7 +1020,7 @@ def analyze(sources: Sequence[str], task: Task, out: str | os.PathLike, *, at: S
     if record is not None:
         say(f"convergence of the benchmarked methods to {horizon}K")
         extra = [(f"{item['label']} ({'shipped' if item['source'] in ('d2gp', 'supervised') else item['source']})",
-                  item["preconditioner"], task.student_step_size) for item in loaded]
+                  item["preconditioner"], trained_step_size(item["meta"], task)) for item in loaded]
         conv = convergence(benchmark, task, out, horizon=horizon, limit=convergence_images, runs=runs, extra=extra,
                            progress=say)
         results["convergence"] = {"table": conv["table"], "skipped": conv["skipped"], "images": conv["images"]}

@@ -12,6 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
+import torch
 from tqdm.auto import tqdm
 
 from d2gp.checkpoints import CheckpointError, read_json, require_entries
@@ -21,6 +22,7 @@ from d2gp.evaluation import evaluate_solver, format_mean_std, tune_step_size
 from d2gp.plots import examples_figure, psnr_curves
 from d2gp.reports import markdown_table, write_results
 from d2gp.tasks import make_task
+from d2gp.preconditioners.files import trained_step_size
 from d2gp.training import TrainConfig, load_npo, saved_train_config, train
 
 __all__ = ["evaluate_runs", "evaluation_dir", "demo", "ensure_trained", "announce", "announce_training",
@@ -144,7 +146,8 @@ def evaluation_dir(run_dirs: Sequence[str | os.PathLike]) -> Path:
 def evaluate_runs(run_dirs: Sequence[str | os.PathLike], *, split: str = "test", limit: int | None = None,
                   iterations: int | None = None, out: str | os.PathLike | None = None, batch_size: int = 64,
                   examples: int = 4, progress: bool = True, device: str | None = "auto",
-                  safeguard: float | None = None, horizons: Sequence[int] = HORIZONS, restart: bool = True) -> dict:
+                  safeguard: float | None = None, horizons: Sequence[int] = HORIZONS, restart: bool = True,
+                  images: torch.Tensor | None = None, val_images: torch.Tensor | None = None) -> dict:
     """Compare trained NPOs with the student baseline (step tuned on validation) and the teacher.
 
     Every method runs to 5K iterations (K = the runs' training K unless ``iterations``; other
@@ -155,6 +158,14 @@ def evaluate_runs(run_dirs: Sequence[str | os.PathLike], *, split: str = "test",
     included — runs with the solver's adaptive momentum restart, which keeps both the tuned
     baseline and the learned preconditioners stable past K (``benchmarks/results/stability``).
     The results go to ``out``, by default :func:`evaluation_dir` of the runs.
+
+    The task is rebuilt from the runs' ``config.json`` by name: a task of your own must be
+    registered first (:func:`d2gp.tasks.own_task`, :func:`d2gp.tasks.register_task`). Each learned
+    preconditioner runs with the student step it was trained with
+    (:func:`~d2gp.preconditioners.files.trained_step_size`).
+
+    :param images, val_images: the test and validation images, instead of the task's dataset's
+        ``split`` and validation split (for a task without a dataset).
     """
     run_dirs = [Path(d) for d in run_dirs]
     configs = [_run_config(d) for d in run_dirs]
@@ -175,8 +186,9 @@ def evaluate_runs(run_dirs: Sequence[str | os.PathLike], *, split: str = "test",
     out.mkdir(parents=True, exist_ok=True)
     announce(f"evaluating on {task.name}: loading the {split} and validation images and the denoiser", progress)
     denoiser = task.denoiser()
-    images = task.images(split, limit=limit)
-    val = task.images("val", limit=train_config.val_images)
+    images = task.images(split, limit=limit) if images is None else task.check_images(images, f"{split} images")[:limit]
+    val = task.images("val", limit=train_config.val_images) if val_images is None else \
+        task.check_images(val_images, "validation images")[:train_config.val_images]
 
     announce(f"tuning the student baseline's step size γ on {len(val)} validation images at K = {K} "
              f"(a grid, then golden-section search){', with adaptive restart' if restart else ''}", progress)
@@ -189,9 +201,10 @@ def evaluate_runs(run_dirs: Sequence[str | os.PathLike], *, split: str = "test",
         label = METHOD_LABELS.get(meta["method"], meta["method"])
         if per_method.count(meta["method"]) > 1:  # several runs of one method: name them
             label = f"{label} ({run_dir.name})"
-        methods.append((label, task.student, task.student_step_size, npo, None))
+        step = trained_step_size(meta, task)
+        methods.append((label, task.student, step, npo, None))
         if safeguard is not None:
-            methods.append((f"{label}, safeguard ρ={safeguard:g}", task.student, task.student_step_size, npo, safeguard))
+            methods.append((f"{label}, safeguard ρ={safeguard:g}", task.student, step, npo, safeguard))
     methods.append(("teacher (upper bound)", task.teacher, task.teacher_step_size, None, None))
 
     announce(f"running {len(methods)} methods to {multiples[-1]}K = {horizon} iterations on {len(images)} {split} images", progress)

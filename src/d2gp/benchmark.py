@@ -43,6 +43,7 @@ from d2gp.checkpoints import CheckpointError
 from d2gp.device import module_device, precision, resolve_device, synchronize
 from d2gp.evaluation import evaluate_solver, format_mean_std, mean_std
 from d2gp.plots import examples_figure, psnr_curves
+from d2gp.preconditioners.files import trained_step_size
 from d2gp.reports import markdown_table, write_results
 from d2gp.solver import pnp_fista
 from d2gp.tasks import TASKS, Task, make_task
@@ -215,10 +216,10 @@ def benchmark(tasks: Sequence[str] = ("spc", "mri", "sr"), methods: Sequence[str
                     run_dir = ensure_trained(config, runs / task_name / f"{name}-seed{seed}", progress=progress,
                                              device=device)
                     precision("evaluation", device)
-                    P, _ = load_npo(run_dir / "best.pt", task)
+                    P, meta = load_npo(run_dir / "best.pt", task)
                     summary = json.loads((run_dir / "summary.json").read_text())
                     trained_seconds.append(summary["training_seconds"])
-                    evaluations.append((P, task.student, task.student_step_size))
+                    evaluations.append((P, task.student, trained_step_size(meta, task)))
                     record[f"seed{seed}"] = str(run_dir)
             elif name == "teacher":
                 evaluations.append((None, task.teacher, task.teacher_step_size))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import importlib
 import math
 import os
 import sys
@@ -85,7 +86,8 @@ def _field_type(f: dataclasses.Field):
 
 
 def _add_task_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--task", required=True, choices=list(TASKS), help="which task (see `d2gp tasks`)")
+    parser.add_argument("--task", required=True, choices=list(TASKS),
+                        help="which task (see `d2gp tasks`; tasks of your own: `d2gp --import MODULE ...`)")
     group = parser.add_argument_group("task settings (default: the task's own; see `d2gp tasks`)")
     for name, f in _task_fields().items():
         owners = [t for t, cls in TASKS.items() if name in {g.name for g in dataclasses.fields(cls)}]
@@ -157,6 +159,9 @@ _TRAIN_FLAGS = {
     "teacher_cache": "compute the teacher's targets once per training image instead of every update",
     "base": "train the preconditioner on top of a classical one, tuned first on the validation split: newton, "
             "poly-l2, poly-chebyshev, poly-ifista, or baseline (the tuned step); it starts as that method",
+    "step_size": "the student's step γ the preconditioner is trained and evaluated with (the task itself, and the "
+                 "baseline's tuning, keep --student-step-size)",
+    "tune_step": "tune γ on the validation split before training (as the baseline's), instead of starting at 1/L",
 }
 _NPO_FLAGS = {
     "width": (int, "NPO channels per block"),
@@ -173,7 +178,8 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     from d2gp.training import DEFAULT_LR, TrainConfig
 
     defaults, hints = TrainConfig(), typing.get_type_hints(TrainConfig)
-    defaults_shown = {"lr": "per preconditioner: " + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items())}
+    defaults_shown = {"lr": "per preconditioner: " + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()),
+                      "step_size": "the task's student step, 1/L"}
     group = parser.add_argument_group("training settings")
     presets = [f"{k}: {v}" for k, v in PROFILES.items()] + [f"{p} on {t}: also {v}" for (p, t), v in TASK_PROFILES.items()]
     group.add_argument("--profile", choices=list(PROFILES), default="quick",
@@ -255,12 +261,13 @@ def cmd_reconstruct(args: argparse.Namespace) -> None:
     if args.preconditioner != "identity":  # files first, then data and compute
         from d2gp.training import load_npo
 
+        from d2gp.preconditioners.files import trained_step_size
+
         npo, meta = load_npo(args.preconditioner, task)
-        label = f"student + {meta['method']} NPO"
-        methods.append((label, task.student, task.student_step_size, npo, None))
+        label, step = f"student + {meta['method']} NPO", trained_step_size(meta, task)
+        methods.append((label, task.student, step, npo, None))
         if args.safeguard is not None:
-            methods.append((f"{label}, safeguard ρ={args.safeguard:g}", task.student, task.student_step_size, npo,
-                            args.safeguard))
+            methods.append((f"{label}, safeguard ρ={args.safeguard:g}", task.student, step, npo, args.safeguard))
         if meta.get("task_config") != task.config.to_dict():
             print(f"note: the NPO was trained with other task settings ({meta.get('task_config')})")
     denoiser = task.denoiser()
@@ -401,6 +408,9 @@ def build_parser() -> argparse.ArgumentParser:
         "D2GP: learned nonlinear preconditioners for plug-and-play FISTA (single-pixel camera, MRI, "
         "super-resolution)."))
     parser.add_argument("--threads", type=_positive, default=None, help="PyTorch CPU threads (default: PyTorch's choice)")
+    parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                        help="import MODULE first (from the current folder too; repeatable): a module that registers "
+                             "tasks of your own (d2gp.tasks.own_task / register_task), so that every command knows them")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("demo", help="the main job: train D2GP and Supervised NPOs, evaluate, print the table")
@@ -537,7 +547,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _import_modules(argv: list[str]) -> str | None:
+    """Import the modules of every ``--import MODULE`` in ``argv`` (they register tasks of their own,
+    :func:`d2gp.tasks.register_task`), before the parser lists the tasks; the error, if one fails."""
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--import", dest="imports", action="append", default=[])
+    modules = pre.parse_known_args(argv)[0].imports
+    if modules and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # `import MODULE` as from the current folder
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except Exception as error:  # the user's module: whatever it raised, one line
+            first = (str(error).strip().splitlines() or [""])[0]
+            return f"--import {module}: {type(error).__name__}: {first}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    failed = _import_modules(argv)
+    if failed is not None:
+        print(f"d2gp: error: {failed}", file=sys.stderr)
+        return 2
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.threads:

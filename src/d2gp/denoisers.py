@@ -139,8 +139,12 @@ def load_denoiser(source: str | os.PathLike, channels: int | None = None, task: 
     if not path.suffix and not path.exists():  # a task name
         path = shipped_denoiser_path(str(source))
         if not path.is_file():
+            shipped = ", ".join(sorted(p.stem[len("dncnn_"):] for p in path.parent.glob("dncnn_*.pt")))
             raise CheckpointError(
-                f"no denoiser is shipped for {source!r}; train one with `d2gp train-denoiser --task {source}`"
+                f"no denoiser is shipped for {source!r} (shipped: {shipped}); give the task a denoiser — a DnCNN "
+                f"weights file, or a task whose shipped one fits its images (own_task(..., denoiser='spc'), the "
+                f"setting --denoiser, a TaskConfig's shipped_denoiser) — or train one with "
+                f"`d2gp [--import MODULE] train-denoiser --task {source} --out FILE`"
             )
     data = load_checkpoint(path, what="denoiser weights file")
     if data.get("format") == DENOISER_FORMAT:

@@ -61,10 +61,10 @@ from d2gp.checkpoints import (
     save_training_state, seed_everything, write_json,
 )
 from d2gp.device import precision, prepare, resolve_device
-from d2gp.evaluation import evaluate_solver
+from d2gp.evaluation import evaluate_solver, tune_step_size
 from d2gp.losses import TEACHER_GRADIENT_AT, LossWeights, gradient_loss, imitation_loss, supervised_loss
 from d2gp.preconditioners import NPO
-from d2gp.preconditioners.files import NPO_FORMAT, load_npo, save_npo, shipped_npo_path
+from d2gp.preconditioners.files import NPO_FORMAT, load_npo, save_npo, shipped_npo_path, trained_step_size
 from d2gp.preconditioners.learned_linear import LINEAR_PRECONDITIONERS, build_linear, objective_loss
 from d2gp.preconditioners.refined import Refined, build_base
 from d2gp.reports import environment
@@ -74,8 +74,9 @@ from d2gp.tasks.base import measure
 from d2gp.tuning import CLASSICAL_METHODS, tune_classical
 
 __all__ = ["TrainConfig", "TrainingError", "train", "saved_train_config", "load_npo", "save_npo", "shipped_npo_path",
-           "build_preconditioner", "tune_base", "TeacherTargets", "NPO_FORMAT", "METHODS", "PRECONDITIONERS", "UNROLL_MODES",
-           "SCHEDULES", "DEFAULT_LR", "check_not_diverged", "DIVERGED_DB"]
+           "build_preconditioner", "tune_base", "TeacherTargets", "NPO_FORMAT", "METHODS", "PRECONDITIONERS",
+           "UNROLL_MODES", "SCHEDULES", "DEFAULT_LR", "check_not_diverged", "DIVERGED_DB", "training_step_size",
+           "trained_step_size", "check_task"]
 
 _STATE_FORMAT = "d2gp-npo-training"
 METHODS = ("d2gp", "supervised", "objective")
@@ -161,6 +162,9 @@ class TrainConfig:
     # Where the preconditioner starts: None, the identity at γ = 1/L; a non-learned method ("newton", …):
     # the learned part refines that method, tuned on the validation split (see d2gp.preconditioners.refined).
     base: str | None = None
+    # The student's step γ that the preconditioner is trained (and evaluated) with.
+    step_size: float | None = None  # None: the task's student step (1/L unless its settings give one)
+    tune_step: bool = False  # tune γ on the validation split before training (tune_step_size), as the baseline is
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -199,6 +203,14 @@ class TrainConfig:
         if self.unroll == "truncated" and self.tail is not None and self.tail > self.truncate:
             raise TrainingError(f"tail ({self.tail}) must not exceed truncate ({self.truncate}): the loss would "
                                 f"look at iterates that no gradient reaches")
+        if self.step_size is not None and (isinstance(self.step_size, bool) or not isinstance(self.step_size, (int, float))
+                                           or not (self.step_size > 0 and math.isfinite(self.step_size))):
+            raise TrainingError(f"step_size must be a finite number > 0 (or unset: the task's 1/L), got {self.step_size!r}")
+        if self.base is not None and self.tune_step:
+            raise TrainingError(f"give base ({self.base!r}) or tune_step, not both: the base is tuned with its own "
+                                f"step (base 'baseline' is the tuned step)")
+        if self.tune_step and self.step_size is not None:
+            raise TrainingError(f"give step_size ({self.step_size}) or tune_step, not both: tune_step chooses the step")
         if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
             raise TrainingError(f"lr must be a finite number > 0, got {self.lr}")
         if self.train_images is not None and not (isinstance(self.train_images, int) and self.train_images >= 1):
@@ -256,6 +268,36 @@ class TrainConfig:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
+def training_step_size(config: TrainConfig, task: Task) -> float:
+    """The student's step γ a preconditioner is trained with: ``config.step_size``, else the task's
+    student step (1/‖A_sᵀA_s‖ unless the task's settings give one)."""
+    return config.step_size if config.step_size is not None else task.student_step_size
+
+
+def check_task(config: TrainConfig, task: Task) -> None:
+    """Refuse a task given to :func:`train` that the run directory could not rebuild: another name than
+    ``config.task``, a class that is not registered under it, or settings that ``config.task_settings``
+    does not give (the run is evaluated and resumed on ``make_task(config.task, **config.task_settings)``).
+
+    :raises TrainingError: naming what differs.
+    """
+    from d2gp.tasks import TASKS, task_config
+
+    if config.task != task.name:
+        raise TrainingError(f"TrainConfig.task is {config.task!r} but the task given is {task.name!r}: set "
+                            f"TrainConfig(task={task.name!r}, ...), the name its runs are rebuilt from")
+    if TASKS.get(task.name) is not type(task.config):
+        raise TrainingError(f"task {task.name!r} is not registered: register its configuration with "
+                            f"d2gp.tasks.register_task (or build it with d2gp.tasks.own_task), so that its runs can be "
+                            f"evaluated and resumed later")
+    rebuilt, given = task_config(config.task, **config.task_settings).to_dict(), task.config.to_dict()
+    changed = sorted(k for k in set(rebuilt) | set(given) if rebuilt.get(k) != given.get(k))
+    if changed:
+        raise TrainingError(f"the task given differs from TrainConfig.task_settings in {', '.join(changed)} "
+                            f"({', '.join(f'{k}={given.get(k)!r}' for k in changed)}): put them in task_settings, "
+                            f"from which its runs are rebuilt")
+
+
 def build_preconditioner(config: TrainConfig, task: Task, base: dict[str, Any] | None = None) -> torch.nn.Module:
     """The untrained preconditioner of ``config`` for ``task``'s images (identity at init), on the task's device.
 
@@ -289,13 +331,13 @@ def build_preconditioner(config: TrainConfig, task: Task, base: dict[str, Any] |
 def tune_base(config: TrainConfig, task: Task, denoiser, val_images: torch.Tensor) -> dict[str, Any] | None:
     """Tune ``config.base`` (a non-learned method) on the validation images at K, as Table I does
     (:func:`d2gp.tuning.tune_classical`, plain FISTA): ``{"method", "candidate", "step_size", "gain",
-    "val_psnr"}`` with gain = its γ over the task's γ; ``None`` without a base. Deterministic (fixed
-    noise seeds), so a resumed run finds the same base."""
+    "val_psnr"}`` with gain = its γ over the training step (:func:`training_step_size`); ``None`` without
+    a base. Deterministic (fixed noise seeds), so a resumed run finds the same base."""
     if config.base is None:
         return None
     _, gamma, record = tune_classical(config.base, task, val_images, denoiser, config.iterations)
     return {"method": config.base, "candidate": record["chosen"], "step_size": gamma,
-            "gain": gamma / task.student_step_size, "val_psnr": record["val_psnr"]}
+            "gain": gamma / training_step_size(config, task), "val_psnr": record["val_psnr"]}
 
 
 # --- the teacher's targets ------------------------------------------------------------------------
@@ -365,7 +407,7 @@ def unrolled_loss(config: TrainConfig, task: Task, npo, denoiser, x: torch.Tenso
         ``teacher_gradient="teacher"`` only.
     """
     weights, K = config.weights, config.iterations
-    gamma_s = task.student_step_size
+    gamma_s = training_step_size(config, task)
     grad_from = K - config.truncate if config.unroll == "truncated" else 0
     run = dict(trace=True, checkpoint=config.unroll == "checkpoint", autocast=config.autocast, grad_from=grad_from)
     _, student_trace = pnp_fista(task.student, y_s, denoiser, gamma_s, K, npo, **run)
@@ -482,6 +524,8 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = Fal
     :raises ~d2gp.checkpoints.LockedError: another process trains into ``run_dir``.
     """
     config.validate()
+    if task is not None:
+        check_task(config, task)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     _check_run_dir(run_dir, config, resume)
@@ -495,19 +539,23 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = Fal
     train_images = task.check_images(train_images, "training images").to(device)
     updates_per_epoch = math.ceil(len(train_images) / config.batch_size)
     total = config.updates or config.epochs * updates_per_epoch
+
+    seed_everything(config.seed)
     denoiser = task.denoiser().requires_grad_(False)
+    # ``given`` is recorded as it was asked for; ``config`` carries the step it resolved to (tune_step).
+    given, (config, tuning) = config, _resolve_step(config, task, val_images, denoiser, run_dir, resume)
     if config.base is not None and progress:
         tqdm.write(f"tuning the base preconditioner {config.base!r} on {len(val_images)} validation images")
     base = tune_base(config, task, denoiser, val_images)
-    write_json({"train": config.to_dict(), "task": task.config.to_dict(), "environment": environment(device),
+    write_json({"train": given.to_dict(), "task": task.config.to_dict(), "environment": environment(device),
                 "data": {"train": len(train_images), "val": len(val_images), "dataset": task.dataset},
                 "updates": {"total": total, "per_epoch": updates_per_epoch},
                 "runtime": {"device": str(device), "compile": bool(compile)},
-                "step_size": {"student": task.student_step_size, "teacher": task.teacher_step_size},
+                "step_size": {"student": task.student_step_size, "teacher": task.teacher_step_size,
+                              "training": training_step_size(config, task),
+                              **({"tuning": tuning} if tuning is not None else {})},
                 **({"base": base} if base is not None else {})},
                run_dir / "config.json")
-
-    seed_everything(config.seed)
     npo = build_preconditioner(config, task, base)
     optimizer = _build_optimizer(config, npo)
     scheduler = _build_scheduler(config, optimizer, total)
@@ -566,8 +614,8 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = Fal
         if checkpoints and update == checkpoints[0]:
             checkpoints.pop(0)
             npo.eval()
-            run = evaluate_solver("val", task.student, val_images, denoiser, task.student_step_size, config.iterations,
-                                  preconditioner=npo, progress=False)
+            run = evaluate_solver("val", task.student, val_images, denoiser, training_step_size(config, task),
+                                  config.iterations, preconditioner=npo, progress=False)
             npo.train()
             val_psnr = float(run.psnr[config.iterations].mean())
             if config.schedule == "plateau":
@@ -579,8 +627,8 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = Fal
             history.append(row)
             if val_psnr > best:
                 best = val_psnr
-                save_npo(npo, run_dir / "best.pt", task, config, {"val_psnr": val_psnr, "update": update,
-                                                                  "epoch": row["epoch"]})
+                save_npo(npo, run_dir / "best.pt", task, given, {"val_psnr": val_psnr, "update": update,
+                                                                 "epoch": row["epoch"], "step_size": config.step_size})
             if progress:
                 bar.write(f"{config.method} {task.name} update {update}/{total}: loss {row['loss']:.4g}, "
                           f"val PSNR {val_psnr:.2f} dB (best {best:.2f}), {seconds:.0f} s")
@@ -596,18 +644,38 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = Fal
     if base is not None:  # the untrained preconditioner is the tuned base
         untrained = base["val_psnr"]
     else:
-        untrained = float(evaluate_solver("identity", task.student, val_images, denoiser, task.student_step_size,
+        untrained = float(evaluate_solver("identity", task.student, val_images, denoiser, training_step_size(config, task),
                                           config.iterations, progress=False).psnr[config.iterations].mean())
     check_not_diverged(best, untrained)
-    save_npo(npo, run_dir / "last.pt", task, config, {"val_psnr": val_psnr, "update": total,
-                                                      "epoch": round(total / updates_per_epoch, 4)})
+    save_npo(npo, run_dir / "last.pt", task, given, {"val_psnr": val_psnr, "update": total,
+                                                     "epoch": round(total / updates_per_epoch, 4),
+                                                     "step_size": config.step_size})
     training_seconds = sum(r["seconds"] for r in history)
     summary = {"best_val_psnr": best, "final_val_psnr": val_psnr, "updates": total,
                "epochs": round(total / updates_per_epoch, 4), "training_seconds": training_seconds,
                "seconds_per_update": training_seconds / max(1, total), "seconds_this_session": time.perf_counter() - began,
-               "run_dir": str(run_dir)}
+               "step_size": training_step_size(config, task), "run_dir": str(run_dir)}
     write_json(summary, run_dir / "summary.json")
     return summary
+
+
+def _resolve_step(config: TrainConfig, task: Task, val_images: torch.Tensor, denoiser, run_dir: Path,
+                  resume: bool) -> tuple[TrainConfig, dict | None]:
+    """``config`` with the step it trains with, and the tuning record (``None`` unless ``tune_step``).
+
+    With ``tune_step`` the step is :func:`~d2gp.evaluation.tune_step_size` of the plain student
+    (P = I, the preconditioner's starting point) on the validation images at K — the baseline's
+    tuning, without restart as training runs — unless a resumed run recorded it already.
+    """
+    if not config.tune_step:
+        return config, None
+    if resume and (run_dir / "checkpoint.pt").exists():
+        recorded = read_json(run_dir / "config.json", "run configuration").get("step_size", {})
+        if isinstance(recorded, dict) and isinstance(recorded.get("training"), (int, float)) and "tuning" in recorded:
+            return dataclasses.replace(config, step_size=float(recorded["training"])), recorded["tuning"]
+    with torch.no_grad():
+        gamma, record = tune_step_size(task.student, val_images, denoiser, task.student_step_size, config.iterations)
+    return dataclasses.replace(config, step_size=gamma), {"chosen": gamma, "val_psnr_by_step": record}
 
 
 def _tensorboard(run_dir: Path):

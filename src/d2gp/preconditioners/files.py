@@ -5,18 +5,23 @@ loads on any machine) and loaded with ``weights_only=True``::
 
     {"format": "d2gp-npo", "kind": "npo" | "scalar" | "pointwise" | "convolutional" | "full",
      "npo": {constructor arguments}, "state_dict": {...}, "task": name, "task_config": {...},
-     "method": ..., "iterations": K, "train_config": {...}, ...extra (val_psnr, update, ...),
-     "base": {"method", "candidate", "step_size", "gain", ...}   # only for a refined preconditioner}
+     "method": ..., "iterations": K, "train_config": {...}, "step_size": γ | None,
+     ...extra (val_psnr, update, ...),
+     "base": {"method", "candidate", "step_size", "gain", ...}}   # only for a refined preconditioner
 
 A :class:`~d2gp.preconditioners.refined.Refined` preconditioner is saved as its learned part, with
 the ``base`` entry that rebuilds its classical base from the task (so loading it needs the task).
 
-Files written before ``kind`` existed hold NPOs. The training loop (:mod:`d2gp.training`) writes
+``step_size`` is the student's step the preconditioner was trained with (``None``: the task's own
+student step, 1/L); :func:`trained_step_size` reads it back, for every evaluation must run the
+preconditioner with it. Files written before ``kind`` existed hold NPOs; files without
+``step_size`` were trained with the task's step. The training loop (:mod:`d2gp.training`) writes
 them; :func:`load_npo` reads them for evaluation, ``d2gp reconstruct`` and the benchmarks.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -27,8 +32,9 @@ from d2gp.device import to_cpu
 from d2gp.preconditioners.learned_linear import build_linear
 from d2gp.preconditioners.npo import NPO
 from d2gp.preconditioners.refined import Refined, build_base
+from d2gp.tasks.own import same_operators
 
-__all__ = ["NPO_FORMAT", "save_npo", "load_npo", "shipped_npo_path", "rebuild"]
+__all__ = ["NPO_FORMAT", "save_npo", "load_npo", "shipped_npo_path", "rebuild", "trained_step_size"]
 
 NPO_FORMAT = "d2gp-npo"
 
@@ -60,7 +66,7 @@ def save_npo(npo: torch.nn.Module, path: str | os.PathLike, task, config, extra:
     :param npo: the preconditioner (on any device: the file holds CPU tensors).
     :param task: the :class:`~d2gp.tasks.Task` it was trained for.
     :param config: its :class:`~d2gp.training.TrainConfig`.
-    :param extra: more entries (validation PSNR, update count, …).
+    :param extra: more entries (validation PSNR, update count, the training ``step_size``, …).
     """
     base = {"base": dict(npo.base_spec)} if isinstance(npo, Refined) else {}
     learned = npo.learned if isinstance(npo, Refined) else npo
@@ -77,6 +83,13 @@ def shipped_npo_path(task: str, method: str = "d2gp") -> Path:
     from importlib import resources
 
     return Path(str(resources.files("d2gp") / "weights" / f"npo_{task}_{method}.pt"))
+
+
+def trained_step_size(meta: dict, task) -> float:
+    """The student's step γ to run a loaded preconditioner with: the one it was trained with (``meta``
+    from :func:`load_npo`), else — files before it was recorded, runs at the task's step — the task's."""
+    step = meta.get("step_size")
+    return float(step) if step is not None else task.student_step_size
 
 
 def load_npo(source: str | os.PathLike, task=None, device: str | torch.device | None = None) -> tuple[torch.nn.Module, dict]:
@@ -98,12 +111,20 @@ def load_npo(source: str | os.PathLike, task=None, device: str | torch.device | 
         path = path / "best.pt"
     data = load_checkpoint(path, NPO_FORMAT, what="NPO weights file")
     require_entries(data, {"task": str, "npo": dict, "state_dict": dict, "method": str}, path, "NPO weights file")
+    step = data.get("step_size")
+    if step is not None and (isinstance(step, bool) or not isinstance(step, (int, float))
+                             or not (step > 0 and math.isfinite(step))):
+        raise CheckpointError(f"NPO weights file {path} records the training step size {step!r}, not a number > 0")
     if task is not None:
         if data["task"] != task.name:
             raise CheckpointError(f"NPO weights {path} were trained for task {data['task']!r}, not {task.name!r}")
         channels = data["npo"].get("channels", 1)
         if channels != task.image_shape[0]:
             raise CheckpointError(f"NPO weights {path} work on {channels}-channel images, the task has {task.image_shape[0]}")
+        recorded = data.get("task_config", {}).get("operators") if isinstance(data.get("task_config"), dict) else None
+        if recorded is not None and not same_operators(recorded, task.config.to_dict().get("operators")):
+            raise CheckpointError(f"NPO weights {path} were trained on other operators than task {task.name!r} has now: "
+                                  f"register the pair it was trained on (the same own_task call)")
     kind = data.get("kind", "npo")
     try:
         npo = rebuild(kind, data["npo"])

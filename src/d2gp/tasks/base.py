@@ -40,6 +40,15 @@ class TaskConfig:
 
     Every field can be overridden from Python (``make_task("spc", student_ratio=0.05)``) and
     from the command line (``--student-ratio 0.05``).
+
+    A task of your own is a dataclass subclass that sets the class attributes ``name`` (how runs,
+    ``make_task`` and the CLI refer to it), ``channels``, and usually ``default_dataset`` (a name of
+    ``d2gp datasets``) and ``shipped_denoiser`` (a built-in task whose shipped DnCNN fits its images,
+    e.g. ``"spc"`` for grey images) or a ``denoiser`` file; it implements :meth:`build_student` and
+    :meth:`build_teacher`, which must build the same operator on every call (seed any random
+    part): a run's task is rebuilt from its settings when it is evaluated or resumed. Register it
+    with :func:`d2gp.tasks.register_task`; :func:`d2gp.tasks.own_task` does all of this for two
+    ``LinearPhysics`` objects.
     """
 
     name: ClassVar[str] = ""
@@ -86,14 +95,16 @@ class TaskConfig:
 
     # The operators: subclasses build them.
     def build_student(self) -> LinearPhysics:
-        raise NotImplementedError
+        """The student operator A_s (the same one on every call)."""
+        raise TaskError(f"{type(self).__name__} does not build a student operator: implement build_student()")
 
     def build_teacher(self) -> LinearPhysics:
-        raise NotImplementedError
+        """The teacher operator A_t, on the same images (the same one on every call)."""
+        raise TaskError(f"{type(self).__name__} does not build a teacher operator: implement build_teacher()")
 
     def describe(self) -> str:
-        """A one-line summary of the student/teacher pair."""
-        raise NotImplementedError
+        """A one-line summary of the student/teacher pair (by default :attr:`description`)."""
+        return self.description or f"task {self.name!r}: student and teacher operators of {type(self).__name__}"
 
 
 def power_norm(physics: LinearPhysics, shape: tuple[int, ...], iterations: int = 200) -> float:
@@ -222,6 +233,11 @@ class Task:
         """
         from d2gp.data import load_images
 
+        if not self.dataset:
+            raise TaskError(
+                f"task {self.name!r} has no dataset: set one (the dataset setting or the class's default_dataset, "
+                f"a name of `d2gp datasets`; 'folder' with data_root for your own image files), or pass the images "
+                f"yourself (train(..., train_images=, val_images=), evaluate_runs(..., images=, val_images=))")
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
             raise TaskError(f"the image limit must be an integer ≥ 1 (or None: all), got {limit!r}")
         images = load_images(

@@ -19,10 +19,11 @@ from d2gp.tasks.base import TaskConfig, TaskError, denoiser_scale_spec, spec
 __all__ = ["SRConfig", "make_downsampling"]
 
 
-def make_downsampling(image_shape: tuple[int, int, int], factor: int, blur_sigma: float = 1.0) -> Downsampling:
-    """Gaussian blur of std ``blur_sigma·factor`` then decimation by ``factor``, circular padding."""
+def make_downsampling(image_shape: tuple[int, int, int], factor: int, blur_sigma: float = 1.0,
+                      padding: str = "circular") -> Downsampling:
+    """Gaussian blur of std ``blur_sigma·factor`` then decimation by ``factor`` (circular padding by default)."""
     kernel = gaussian_blur(sigma=(blur_sigma * factor, blur_sigma * factor))
-    return Downsampling(img_size=image_shape, filter=kernel, factor=factor, padding="circular")
+    return Downsampling(img_size=image_shape, filter=kernel, factor=factor, padding=padding)
 
 
 @dataclass
