@@ -107,3 +107,12 @@ def test_a_base_needs_an_unrolled_loss_and_a_known_method(binary):
         _config(binary, base="cholesky").validate()
     with pytest.raises(TrainingError, match="not 'objective'"):
         _config(binary, method="objective").validate()
+
+
+def test_the_command_line_sets_the_base():
+    from d2gp.cli import _train_config_from_args, build_parser
+
+    parse = lambda *flags: _train_config_from_args(build_parser().parse_args(["train", "--task", "spc-binary", *flags]))
+    assert parse().base is None and parse("--base", "newton").base == "newton"
+    with pytest.raises(TrainingError, match="tune_step, not both"):
+        parse("--base", "newton", "--tune-step").validate()
