@@ -113,7 +113,7 @@ def evaluate_solver(
     ``restart`` is the solver's adaptive momentum restart. ``algorithm`` is the host algorithm
     (:data:`~d2gp.solver.ALGORITHMS`, :func:`~d2gp.solver.solve`; default preconditioned PnP-FISTA).
     """
-    check_algorithm(algorithm)
+    check_algorithm(algorithm, restart)
     began = time.perf_counter()
     run = SolverRun(label, iterations)
     psnr_k: list[list[torch.Tensor]] = [[] for _ in range(iterations + 1)]

@@ -64,11 +64,13 @@ from typing import Callable, Optional
 import torch
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
-__all__ = ["ALGORITHMS", "HQS_INNER_STEPS", "solve", "check_algorithm", "pnp_fista", "pnp_pgd", "pnp_hqs", "Trace",
+__all__ = ["ALGORITHMS", "ALGORITHM_NAMES", "HQS_INNER_STEPS", "solve", "check_algorithm", "pnp_fista", "pnp_pgd", "pnp_hqs", "Trace",
            "fidelity", "identity_preconditioner"]
 
 #: The host algorithms of :func:`solve`.
 ALGORITHMS = ("fista", "pgd", "hqs")
+#: Their names in tables and figures.
+ALGORITHM_NAMES = {"fista": "PnP-FISTA", "pgd": "PnP-PGD", "hqs": "PnP-HQS"}
 #: Preconditioned gradient steps per data step of ``hqs`` (1 would be ``pgd``).
 HQS_INNER_STEPS = 3
 
@@ -427,10 +429,15 @@ def _pnp_splitting(physics, y, denoiser, step_size, iterations, preconditioner, 
     return (x, record) if trace else x
 
 
-def check_algorithm(algorithm: str) -> str:
-    """``algorithm`` if it is one of :data:`ALGORITHMS`; otherwise a ValueError naming the choices."""
+def check_algorithm(algorithm: str, restart: bool = False) -> str:
+    """``algorithm`` if it is one of :data:`ALGORITHMS` (and has momentum, with ``restart``).
+
+    :raises ValueError: naming the choices, or why ``restart`` does not apply.
+    """
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
+    if restart and algorithm != "fista":
+        raise ValueError(f"restart is the adaptive restart of FISTA's momentum; {algorithm} has no momentum to restart")
     return algorithm
 
 
@@ -457,13 +464,11 @@ def solve(
 
     :raises ValueError: an unknown algorithm, or ``restart`` with an algorithm that has no momentum.
     """
-    check_algorithm(algorithm)
+    check_algorithm(algorithm, restart)
     options = dict(trace=trace, checkpoint=checkpoint, autocast=autocast, grad_from=grad_from, safeguard=safeguard,
                    safeguard_from=safeguard_from)
     if algorithm == "fista":
         return pnp_fista(physics, y, denoiser, step_size, iterations, preconditioner, x0, restart=restart, **options)
-    if restart:
-        raise ValueError(f"restart is the adaptive restart of FISTA's momentum; {algorithm} has no momentum to restart")
     host = pnp_pgd if algorithm == "pgd" else pnp_hqs
     return host(physics, y, denoiser, step_size, iterations, preconditioner, x0, **options)
 
