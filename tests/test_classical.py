@@ -95,10 +95,10 @@ def test_newton_one_step_solves_least_squares(name):
 
 
 @pytest.mark.parametrize("name", ["dense", "spc"])
-@pytest.mark.parametrize("delta,inner_steps", [(1.0, 1), (2.0, 40)])
+@pytest.mark.parametrize("delta,inner_steps", [(0.5, 1), (1.0, 40)])
 def test_newton_hqs_solves_the_quadratic_sub_problem(name, delta, inner_steps):
-    """PnP-HQS's data step, Newton-preconditioned (γ = 1): exact in one inner step when δ = 1/γ, and
-    converging to the closed form (AᵀA + I/γ)⁻¹(Aᵀy + x_0/γ) with enough inner steps otherwise."""
+    """PnP-HQS's data step, Newton-preconditioned (γ = 1): exact in one inner step when δ = 1/(2γ), and
+    converging to the closed form prox_2γf(x_0) = (AᵀA + I/(2γ))⁻¹(Aᵀy + x_0/(2γ)) with enough inner steps otherwise."""
     if name == "dense":
         M = _random_matrix(10, 16)
         physics, shape = _dense(M), (1, 4, 4)
@@ -110,8 +110,8 @@ def test_newton_hqs_solves_the_quadratic_sub_problem(name, delta, inner_steps):
     x0 = _randn(3, *shape, seed=2)
     y = physics.A(_randn(3, *shape, seed=3))
     gamma = 1.0
-    rhs = (physics.A_adjoint(y) + x0 / gamma).reshape(3, n)
-    solution = torch.linalg.solve(matrix.T @ matrix + torch.eye(n, dtype=F64) / gamma, rhs.T).T.reshape(3, *shape)
+    rhs = (physics.A_adjoint(y) + x0 / (2 * gamma)).reshape(3, n)
+    solution = torch.linalg.solve(matrix.T @ matrix + torch.eye(n, dtype=F64) / (2 * gamma), rhs.T).T.reshape(3, *shape)
     out = pnp_hqs(physics, y, lambda v: v, gamma, iterations=1, preconditioner=P, x0=x0, inner_steps=inner_steps)
     assert torch.allclose(out.double(), solution, atol=1e-5, rtol=0)
 

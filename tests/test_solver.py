@@ -255,12 +255,12 @@ def reference_pgd(A, At, y, D, gamma, K, P=lambda g, k: g):
 
 
 def reference_hqs(A, At, y, D, gamma, K, J, P=lambda g, k: g):
-    """PnP-HQS whose data step is J preconditioned gradient steps of step γ on ½‖Au − y‖² + ‖u − x_k‖²/(2γ)."""
+    """PnP-HQS whose data step is J preconditioned gradient steps of step γ on ½‖Au − y‖² + ‖u − x_k‖²/(4γ)."""
     x = gamma * At(y)
     for k in range(K):
         u = x
         for _ in range(J):
-            u = u - gamma * P(At(A(u) - y) + (u - x) / gamma, k)
+            u = u - gamma * P(At(A(u) - y) + (u - x) / (2 * gamma), k)
         x = D(u)
     return x
 

@@ -18,8 +18,9 @@ preconditioner ``P(g, k)`` of the data-fidelity gradient :math:`∇f(z) = A^\top
 
 * ``pgd`` — preconditioned PnP-PGD (PnP-ISTA), :func:`pnp_pgd`: the same step without momentum,
   :math:`x_{k+1} = D(x_k − γ P(∇f(x_k), k))`;
-* ``hqs`` — PnP half-quadratic splitting whose data step (the proximal step of γf) is solved
-  inexactly by a few preconditioned gradient steps, :func:`pnp_hqs`.
+* ``hqs`` — PnP half-quadratic splitting whose data step, the proximal step
+  :math:`\operatorname{prox}_{2γf}(x_k)`, is solved inexactly by a few preconditioned gradient
+  steps of step γ on its sub-problem, :func:`pnp_hqs`.
 
 The solvers know nothing of tasks: they take any ``deepinv.physics.LinearPhysics`` (only ``A``
 and ``A_adjoint`` are called), any denoiser ``D(x)`` and any preconditioner ``P(g, k)``
@@ -327,8 +328,8 @@ def pnp_hqs(
 
     .. math::
 
-        z_{k+1} = \operatorname*{argmin}_z\; h_k(z), \quad
-        h_k(z) = ½\|Az − y\|^2 + \frac{1}{2γ}\|z − x_k\|^2, \qquad x_{k+1} = D(z_{k+1}).
+        z_{k+1} = \operatorname{prox}_{2γf}(x_k) = \operatorname*{argmin}_z\; h_k(z), \quad
+        h_k(z) = ½\|Az − y\|^2 + \frac{1}{4γ}\|z − x_k\|^2, \qquad x_{k+1} = D(z_{k+1}).
 
     Here the sub-problem is solved inexactly by J = ``inner_steps`` preconditioned gradient steps
     of step γ from :math:`u_0 = x_k`, the preconditioner applied to the sub-problem's gradient:
@@ -336,15 +337,20 @@ def pnp_hqs(
     .. math::
 
         u_{j+1} = u_j − γ\, P\big(∇h_k(u_j), k\big), \quad
-        ∇h_k(u) = A^\top(Au − y) + \frac{u − x_k}{γ}, \qquad z_{k+1} = u_J.
+        ∇h_k(u) = A^\top(Au − y) + \frac{u − x_k}{2γ}, \qquad z_{k+1} = u_J.
 
     A fixed point of the inner iteration solves the sub-problem whatever P (an injective P
     changes the speed of the inner solve, not its solution): the exact step is
-    :math:`z_{k+1} = (A^\top A + I/γ)^{-1}(A^\top y + x_k/γ)`. With P = I the inner step is
-    :math:`u_{j+1} = x_k − γ∇f(u_j)`, the fixed-point iteration of the implicit (proximal) step,
-    which converges to it when :math:`γ\|A^\top A\| < 1`; with P = :math:`(A^\top A + I/γ)^{-1}/γ`
-    one inner step is exact. Since :math:`∇h_k(x_k) = ∇f(x_k)`, J = 1 is :func:`pnp_pgd`
-    (linearised HQS, PnP-ISTA); every iteration costs J gradients and J applications of P.
+    :math:`z_{k+1} = (A^\top A + I/(2γ))^{-1}(A^\top y + x_k/(2γ))`. The step γ is the one the
+    preconditioner is trained for (so that the first inner step is the PnP-PGD step), and the
+    sub-problem's weight :math:`1/(4γ)` makes the plain inner iteration a contraction at the
+    usual steps: with P = I it is :math:`u_{j+1} = (u_j + x_k)/2 − γ∇f(u_j)`, whose error is
+    multiplied by :math:`I/2 − γA^\top A` — a factor at most ½ at γ = 1/L (L = ‖AᵀA‖),
+    convergence for every γ < 3/(2L) — whereas with a weight 1/(2γ) it would be
+    :math:`−γA^\top A`, on the edge of divergence at γ = 1/L. With
+    :math:`P = (A^\top A + I/(2γ))^{-1}/γ` (Newton with δ = 1/(2γ)) one inner step is exact.
+    Since :math:`∇h_k(x_k) = ∇f(x_k)`, J = 1 is :func:`pnp_pgd` (linearised HQS, PnP-ISTA);
+    every iteration costs J gradients and J applications of P.
 
     The :class:`Trace` records the first inner step (at :math:`u_0 = x_k`: z_k = x_k,
     grad = ∇f(x_k), preconditioned = P(∇f(x_k), k)); the safeguard is :func:`pnp_pgd`'s (a
@@ -388,7 +394,7 @@ def _pnp_splitting(physics, y, denoiser, step_size, iterations, preconditioner, 
             residual = physics.A(u) - y
             grad = physics.A_adjoint(residual)
             if j > 0:  # ∇h_k(u); at u_0 = x_k the proximal term is zero
-                grad = grad + (u - x) / gamma
+                grad = grad + (u - x) / (2 * gamma)
             with _autocast(autocast, device_type):
                 pgrad = P(grad, k, iterate=u) if uses_iterate else P(grad, k)
                 if active is not None:  # images that fell back take the plain gradient
