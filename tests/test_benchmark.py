@@ -102,6 +102,30 @@ def test_restart_tunes_and_evaluates_with_the_restarted_solver(tiny_benchmark, t
     assert torch.isfinite(run.psnr[10]).all()
 
 
+def test_another_host_tunes_trains_and_evaluates_every_row_in_it(tiny_benchmark, tmp_path):
+    """benchmark(algorithm="pgd"): the baseline is evaluate_solver's PnP-PGD at its own tuned γ, the learned rows are
+    trained in PnP-PGD; restart (FISTA's) is refused before any work."""
+    from d2gp.checkpoints import CheckpointError
+    from d2gp.evaluation import evaluate_solver, tune_step_size
+    from d2gp.tuning import STEP_FACTORS
+
+    settings = tiny_benchmark["settings"]
+    result = benchmark(["spc"], ["baseline", "supervised"], out=tmp_path / "out", runs=tmp_path / "runs", iterations=2,
+                       progress=False, task_settings=settings, limit=4, tune_images=4, algorithm="pgd",
+                       **tiny_benchmark["overrides"])
+    spc = result["results"]["spc"]
+    assert spc["config"]["algorithm"] == "pgd"
+    assert json.loads((tmp_path / "runs" / "spc" / "supervised-seed0" / "config.json").read_text())["train"]["algorithm"] == "pgd"
+    task = make_task("spc", device="cpu", **settings)
+    den, val, test = task.denoiser(), task.images("val", limit=4), task.images("test", limit=4)
+    gamma, _ = tune_step_size(task.student, val, den, task.student_step_size, 2, factors=STEP_FACTORS, algorithm="pgd")
+    run = evaluate_solver("b", task.student, test, den, gamma, 2, progress=False, algorithm="pgd")
+    assert spc["methods"][0]["step_size"] == gamma
+    assert spc["methods"][0]["psnr"][2][0] == pytest.approx(float(run.psnr[2].mean()), abs=1e-4)
+    with pytest.raises(CheckpointError, match="pgd has no momentum"):
+        benchmark(["spc"], ["baseline"], progress=False, algorithm="pgd", restart=True)
+
+
 def test_unknown_method_is_refused():
     from d2gp.checkpoints import CheckpointError
 

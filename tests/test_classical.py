@@ -15,7 +15,7 @@ from d2gp.preconditioners.classical import (
     ifista_coefficients,
     l2_coefficients,
 )
-from d2gp.solver import pnp_fista
+from d2gp.solver import pnp_fista, pnp_hqs, solve
 from d2gp.tasks.base import TaskError
 from d2gp.tasks.mri import CartesianMRI, gaussian_column_order
 from d2gp.tasks.spc import HadamardSPC, hadamard_rows
@@ -88,9 +88,32 @@ def test_newton_one_step_solves_least_squares(name):
     else:  # A is injective and AᵀA invertible: the normal equations
         solution = Newton(physics, 1e-12, shape, method="cg", cg_iterations=200, cg_tol=1e-15)(physics.A_adjoint(y))
     assert torch.allclose(x1, solution, atol=1e-5, rtol=0)
-    # Through the solver: identity denoiser, γ = 1, one iteration from x_0.
-    out = pnp_fista(physics, y, lambda v: v, step_size=1.0, iterations=1, preconditioner=P, x0=x0)
-    assert torch.allclose(out.double(), solution, atol=1e-5, rtol=0)  # the solver works in float32
+    # Through the solvers: identity denoiser, γ = 1, one iteration from x_0 (FISTA's first step is PGD's).
+    for algorithm in ("fista", "pgd"):
+        out = solve(algorithm, physics, y, lambda v: v, step_size=1.0, iterations=1, preconditioner=P, x0=x0)
+        assert torch.allclose(out.double(), solution, atol=1e-5, rtol=0), algorithm  # the solver works in float32
+
+
+@pytest.mark.parametrize("name", ["dense", "spc"])
+@pytest.mark.parametrize("delta,inner_steps", [(0.5, 1), (1.0, 40)])
+def test_newton_hqs_solves_the_quadratic_sub_problem(name, delta, inner_steps):
+    """PnP-HQS's data step, Newton-preconditioned (γ = 1): exact in one inner step when δ = 1/(2γ), and
+    converging to the closed form prox_2γf(x_0) = (AᵀA + I/(2γ))⁻¹(Aᵀy + x_0/(2γ)) with enough inner steps otherwise."""
+    if name == "dense":
+        M = _random_matrix(10, 16)
+        physics, shape = _dense(M), (1, 4, 4)
+    else:  # a ±1 single-pixel camera: AᵀA a projector
+        physics, shape = HadamardSPC(8, hadamard_rows(8, 20)), (1, 8, 8)
+    n = math.prod(shape)
+    matrix = physics.A(torch.eye(n, dtype=F64).reshape(n, *shape)).reshape(n, -1).T  # A as an (m, n) matrix
+    P = Newton(physics, delta, shape, method="cg", cg_iterations=100, cg_tol=1e-14)
+    x0 = _randn(3, *shape, seed=2)
+    y = physics.A(_randn(3, *shape, seed=3))
+    gamma = 1.0
+    rhs = (physics.A_adjoint(y) + x0 / (2 * gamma)).reshape(3, n)
+    solution = torch.linalg.solve(matrix.T @ matrix + torch.eye(n, dtype=F64) / (2 * gamma), rhs.T).T.reshape(3, *shape)
+    out = pnp_hqs(physics, y, lambda v: v, gamma, iterations=1, preconditioner=P, x0=x0, inner_steps=inner_steps)
+    assert torch.allclose(out.double(), solution, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("name", ["spc", "mri", "mri-odd", "sr-x2", "sr-x4", "spc-binary", "dense"])

@@ -114,3 +114,32 @@ def test_train_then_evaluate_then_reconstruct_with_the_npo(tmp_path, capsys):
     assert "trained for task 'spc', not 'mri'" in capsys.readouterr().err
     assert main(["reconstruct", "--task", "spc", "--device", "tpu", "--limit", "2"]) == 2
     assert "unknown device 'tpu'" in capsys.readouterr().err
+
+
+def test_algorithm_flags_parse_and_refuse_clearly(tmp_path, capsys):
+    from d2gp.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["evaluate", "runs/a"]).algorithm is None  # the runs' own
+    assert parser.parse_args(["evaluate", "runs/a"]).restart is None  # on with fista only
+    assert parser.parse_args(["evaluate", "runs/a", "--algorithm", "pgd"]).algorithm == "pgd"
+    assert parser.parse_args(["benchmark"]).algorithm == "fista"
+    assert parser.parse_args(["benchmark", "--algorithm", "hqs"]).algorithm == "hqs"
+    assert parser.parse_args(["reconstruct", "--task", "spc"]).algorithm is None
+    assert parser.parse_args(["train", "--task", "spc", "--algorithm", "pgd"]).train_algorithm == "pgd"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["reconstruct", "--task", "spc", "--algorithm", "admm"])
+    assert exit_info.value.code == 2 and "invalid choice: 'admm'" in capsys.readouterr().err
+    for argv, message in ((["train", "--task", "spc", "--algorithm", "admm"], "unknown algorithm 'admm'"),
+                          (["reconstruct", "--task", "spc", "--algorithm", "pgd", "--restart"], "pgd has no momentum")):
+        assert main([*argv, "--out", str(tmp_path / "x")]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_reconstruct_in_another_host(tmp_path, capsys):
+    out = tmp_path / "rec"
+    assert main(["reconstruct", "--task", "spc", "--algorithm", "hqs", "--limit", "2", "-K", "2", "--examples", "2",
+                 "--out", str(out)]) == 0
+    assert "PnP-HQS" in capsys.readouterr().out
+    assert json.loads((out / "results.json").read_text())["algorithm"] == "hqs"

@@ -81,3 +81,31 @@ def test_examples_are_kept_at_the_asked_iteration(tmp_path):
         examples_figure(images, [short, last], 2, tmp_path / "bad.png", "k = 2")
     with pytest.raises(ValueError, match="examples_at"):
         evaluate_solver("bad", physics, images, denoiser, 1.0, 2, keep_examples=1, examples_at=3, progress=False)
+
+
+@pytest.mark.parametrize("algorithm", ["fista", "pgd", "hqs"])
+def test_evaluation_and_tuning_run_the_asked_host(algorithm):
+    from d2gp.evaluation import evaluate_solver, psnr
+    from d2gp.solver import solve
+
+    physics = _scaled_identity(0.64)
+    images = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    D = lambda v: 0.9 * v.clamp(0, 1)  # noqa: E731
+    run = evaluate_solver("r", physics, images, D, 0.8, 4, progress=False, algorithm=algorithm)
+    y = physics.A(images)  # noise-free
+    expected = solve(algorithm, physics, y, D, 0.8, 4)
+    torch.testing.assert_close(run.psnr[4], psnr(expected, images))
+    gamma, record = tune_step_size(physics, images, D, 1.0, 2, factors=(0.5, 1.0), refine=0, algorithm=algorithm)
+    score = {f: float(evaluate_solver("t", physics, images, D, f, 2, noise_seed=10_000, progress=False,
+                                      algorithm=algorithm).psnr[2].mean()) for f in (0.5, 1.0)}
+    assert record == {"0.5": pytest.approx(score[0.5]), "1": pytest.approx(score[1.0])}
+
+
+def test_evaluation_refuses_a_bad_host_or_restart_without_momentum():
+    from d2gp.evaluation import evaluate_solver
+
+    physics, images = _scaled_identity(1.0), torch.rand(1, 1, 4, 4)
+    with pytest.raises(ValueError, match="unknown algorithm 'admm'"):
+        evaluate_solver("r", physics, images, torch.nn.Identity(), 1.0, 2, progress=False, algorithm="admm")
+    with pytest.raises(ValueError, match="hqs has no momentum"):
+        evaluate_solver("r", physics, images, torch.nn.Identity(), 1.0, 2, progress=False, algorithm="hqs", restart=True)

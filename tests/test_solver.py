@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from d2gp.solver import fidelity, pnp_fista
+from d2gp.solver import HQS_INNER_STEPS, fidelity, pnp_fista, pnp_hqs, pnp_pgd, solve
 from d2gp.tasks import make_task
 
 
@@ -243,3 +243,145 @@ def test_restart_with_the_safeguard_and_under_autograd():
                     lambda g, k: scale * g, safeguard=2.0, restart=True)
     out.sum().backward()
     assert scale.grad is not None and torch.isfinite(scale.grad)
+
+
+# --- the host algorithms: pgd and hqs beside fista ----------------------------------------------------
+def reference_pgd(A, At, y, D, gamma, K, P=lambda g, k: g):
+    """Preconditioned PnP-PGD written out: x_{k+1} = D(x_k − γ P(∇f(x_k), k))."""
+    x = gamma * At(y)
+    for k in range(K):
+        x = D(x - gamma * P(At(A(x) - y), k))
+    return x
+
+
+def reference_hqs(A, At, y, D, gamma, K, J, P=lambda g, k: g):
+    """PnP-HQS whose data step is J preconditioned gradient steps of step γ on ½‖Au − y‖² + ‖u − x_k‖²/(4γ)."""
+    x = gamma * At(y)
+    for k in range(K):
+        u = x
+        for _ in range(J):
+            u = u - gamma * P(At(A(u) - y) + (u - x) / (2 * gamma), k)
+        x = D(u)
+    return x
+
+
+@pytest.mark.parametrize("name", ["spc", "mri"])
+def test_pgd_and_hqs_match_independent_loops(name):
+    task = make_task(name)
+    x = torch.rand((2, *task.image_shape), generator=torch.Generator().manual_seed(0))
+    y, _ = task.measure(x, seed=0)
+    D, A, At = TinyDenoiser(task.image_shape[0]), task.student.A, task.student.A_adjoint
+    gamma = task.student_step_size
+    P = lambda g, k: (1 + 0.1 * k) * torch.tanh(g)  # noqa: E731  (nonlinear, depends on k)
+    with torch.no_grad():
+        torch.testing.assert_close(solve("pgd", task.student, y, D, gamma, 8), reference_pgd(A, At, y, D, gamma, 8),
+                                   atol=1e-6, rtol=0)
+        torch.testing.assert_close(solve("pgd", task.student, y, D, gamma, 5, P), reference_pgd(A, At, y, D, gamma, 5, P),
+                                   atol=1e-6, rtol=0)
+        torch.testing.assert_close(solve("hqs", task.student, y, D, gamma, 5, P),
+                                   reference_hqs(A, At, y, D, gamma, 5, HQS_INNER_STEPS, P), atol=1e-6, rtol=0)
+        torch.testing.assert_close(pnp_hqs(task.student, y, D, 0.5 * gamma, 4, inner_steps=5),
+                                   reference_hqs(A, At, y, D, 0.5 * gamma, 4, 5), atol=1e-6, rtol=0)
+        # one inner step from x_k, where the proximal term vanishes, is PnP-PGD
+        assert torch.equal(pnp_hqs(task.student, y, D, gamma, 5, P, inner_steps=1), pnp_pgd(task.student, y, D, gamma, 5, P))
+
+
+def test_fista_through_solve_is_pnp_fista_bit_for_bit():
+    task, y = _spc_problem()
+    den = lambda v: 0.9 * v.clamp(0, 1)  # noqa: E731
+    P = lambda g, k: (1.0 + 0.05 * k) * g  # noqa: E731
+    gamma = 1.5 * task.student_step_size
+    for options in ({}, {"restart": True}, {"safeguard": 2.0}, {"safeguard": 2.0, "restart": True}):
+        with torch.no_grad():
+            ours, trace = solve("fista", task.student, y, den, gamma, 10, P, trace=True, **options)
+            theirs, reference = pnp_fista(task.student, y, den, gamma, 10, P, trace=True, **options)
+        assert torch.equal(ours, theirs), options
+        for name in ("x", "z", "grad", "preconditioned", "fidelity", "active"):
+            assert all(torch.equal(a, b) for a, b in zip(getattr(trace, name), getattr(reference, name))), name
+
+
+@pytest.mark.parametrize("algorithm", ["pgd", "hqs"])
+def test_host_traces_record_the_first_gradient_of_each_iteration(algorithm):
+    task = make_task("spc")
+    y, _ = task.measure(torch.rand(2, 1, 32, 32), seed=0)
+    P = lambda g, k: 0.8 * g  # noqa: E731
+    with torch.no_grad():
+        out, trace = solve(algorithm, task.student, y, TinyDenoiser(), 1.0, 4, P, trace=True)
+    assert len(trace.x) == len(trace.z) == len(trace.grad) == len(trace.preconditioned) == len(trace.fidelity) == 4
+    torch.testing.assert_close(trace.x[-1], out)
+    torch.testing.assert_close(trace.z[0], task.student.A_adjoint(y))  # x_0 = γAᵀy
+    for k in range(4):
+        if k:
+            assert torch.equal(trace.z[k], trace.x[k - 1])  # no momentum: z_k = x_k
+        torch.testing.assert_close(trace.grad[k], task.student.A_adjoint(task.student.A(trace.z[k]) - y))
+        torch.testing.assert_close(trace.preconditioned[k], 0.8 * trace.grad[k])
+        torch.testing.assert_close(trace.fidelity[k], fidelity(task.student, trace.z[k], y))
+
+
+def _host_grads(algorithm, checkpoint):
+    task = make_task("spc", image_size=16)
+    x = torch.rand((2, 1, 16, 16), generator=torch.Generator().manual_seed(0))
+    y, _ = task.measure(x, seed=0)
+    P = ScaledPreconditioner(4)
+    with torch.no_grad():
+        P.a.copy_(torch.linspace(-0.2, 0.3, 4))
+    D = TinyDenoiser()
+    out = solve(algorithm, task.student, y, D, 0.5, 4, P, checkpoint=checkpoint)
+    loss = (out - x).pow(2).mean()
+    loss.backward()
+    return P.a.grad.clone(), D.conv.weight.grad.clone(), loss.item()
+
+
+@pytest.mark.parametrize("algorithm", ["fista", "pgd", "hqs"])
+def test_gradients_flow_through_every_host_and_checkpointing_matches(algorithm):
+    ga, gw, loss = _host_grads(algorithm, checkpoint=False)
+    ga_c, gw_c, loss_c = _host_grads(algorithm, checkpoint=True)
+    assert torch.all(ga != 0) and torch.all(torch.isfinite(gw))
+    assert loss == pytest.approx(loss_c, rel=1e-6)
+    torch.testing.assert_close(ga, ga_c, rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(gw, gw_c, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("algorithm", ["pgd", "hqs"])
+def test_truncated_backpropagation_in_every_host(algorithm):
+    task = make_task("spc", image_size=16)
+    y, _ = task.measure(torch.rand(2, 1, 16, 16), seed=0)
+    scales = torch.nn.Parameter(torch.ones(4))
+    solve(algorithm, task.student, y, torch.tanh, 0.5, 4, lambda g, k: scales[k] * g, grad_from=2).sum().backward()
+    assert torch.all(scales.grad[:2] == 0) and torch.all(scales.grad[2:] != 0)
+
+
+@pytest.mark.parametrize("algorithm", ["pgd", "hqs"])
+def test_safeguard_in_pgd_and_hqs_rejects_a_blow_up_and_continues_plain(algorithm):
+    """P explodes from k = 6 on: that step is rejected, and the rest is the plain host from x_6."""
+    task, y = _spc_problem()
+    den = lambda v: 0.9 * v.clamp(0, 1)  # noqa: E731
+    gamma, K = 0.5 * task.student_step_size, 12
+    explode = lambda g, k: g if k < 6 else 1e3 * g  # noqa: E731
+    with torch.no_grad():
+        guarded, trace = solve(algorithm, task.student, y, den, gamma, K, explode, safeguard=2.0, trace=True)
+        first = solve(algorithm, task.student, y, den, gamma, 6, explode)
+        rest = solve(algorithm, task.student, y, den, gamma, K - 7, None, x0=first)
+        unguarded = solve(algorithm, task.student, y, den, gamma, K, explode)
+        calm, calm_trace = solve(algorithm, task.student, y, den, gamma, K, lambda g, k: 1.1 * g, safeguard=10.0,
+                                 trace=True)
+    assert [bool(a.any()) for a in trace.active] == [True] * 6 + [False] * 6
+    torch.testing.assert_close(trace.x[6], first)
+    torch.testing.assert_close(guarded, rest, rtol=1e-5, atol=1e-6)
+    assert (unguarded - guarded).abs().max() > 0.1
+    assert all(bool(a.all()) for a in calm_trace.active)
+    torch.testing.assert_close(calm, solve(algorithm, task.student, y, den, gamma, K, lambda g, k: 1.1 * g))
+
+
+def test_bad_algorithm_restart_and_inner_steps_are_refused():
+    task, y = _spc_problem()
+    with pytest.raises(ValueError, match="unknown algorithm 'admm'; choose one of fista, pgd, hqs"):
+        solve("admm", task.student, y, torch.tanh, 1.0, 2)
+    for algorithm in ("pgd", "hqs"):
+        with pytest.raises(ValueError, match=f"restart.*{algorithm} has no momentum"):
+            solve(algorithm, task.student, y, torch.tanh, 1.0, 2, restart=True)
+        with pytest.raises(ValueError, match="step_size"):
+            solve(algorithm, task.student, y, torch.tanh, -1.0, 2)
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="inner_steps"):
+            pnp_hqs(task.student, y, torch.tanh, 1.0, 2, inner_steps=bad)

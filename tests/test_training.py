@@ -8,7 +8,7 @@ import torch
 import d2gp.training as training
 from d2gp.checkpoints import CheckpointError, atomic_save, load_checkpoint
 from d2gp.losses import supervised_loss
-from d2gp.solver import pnp_fista
+from d2gp.solver import pnp_fista, solve
 from d2gp.tasks import make_task
 from d2gp.training import TrainConfig, TrainingError, load_npo, train
 
@@ -56,6 +56,7 @@ def _fixed_batch_loss(tiny, config, npo):
     {"unroll": "truncated", "truncate": 2}, {"npo": {"width": 8, "blocks": 1, "use_iterate": True}},
     {"method": "objective"}, {"preconditioner": "scalar", "method": "objective"},
     {"preconditioner": "pointwise", "method": "supervised"}, {"preconditioner": "convolutional"},
+    {"algorithm": "pgd"}, {"algorithm": "hqs"}, {"algorithm": "hqs", "teacher_gradient": "teacher"},
 ])
 def test_training_lowers_the_loss(tiny, tmp_path, overrides):
     config = _config(tiny, **overrides)
@@ -145,6 +146,7 @@ def test_foreign_checkpoints_are_refused(tiny, tmp_path):
     ({"teacher_gradient": "both"}, "teacher_gradient"), ({"unroll": "truncated", "truncate": 9}, "truncate"),
     ({"lr": 0.0}, "lr"), ({"preconditioner": "cubic"}, "unknown preconditioner 'cubic'"),
     ({"lambda_gradient": 0.0, "lambda_imitation": 0.0, "lambda_supervised": 0.0}, "all loss weights are zero"),
+    ({"algorithm": "admm"}, "unknown algorithm 'admm'; choose one of fista, pgd, hqs"),
 ])
 def test_bad_training_settings(tiny, tmp_path, overrides, message):
     with pytest.raises((TrainingError, ValueError), match=message):
@@ -420,3 +422,61 @@ def test_the_command_line_sets_the_training_step():
     parse = lambda *flags: _train_config_from_args(build_parser().parse_args(["train", "--task", "spc", *flags]))
     assert parse().step_size is None and parse().tune_step is False
     assert parse("--step-size", "1.5").step_size == 1.5 and parse("--tune-step").tune_step is True
+
+
+# --- host algorithms --------------------------------------------------------------------------------
+@pytest.mark.parametrize("algorithm", ["pgd", "hqs"])
+def test_a_run_in_another_host_trains_validates_and_is_evaluated_in_it(tiny, tmp_path, algorithm):
+    """The student, the teacher's targets, the validation and every later evaluation run the run's algorithm."""
+    from d2gp.apps import evaluate_runs
+    from d2gp.evaluation import evaluate_solver
+
+    config = _config(tiny, epochs=1, algorithm=algorithm)
+    summary = _train(tiny, config, tmp_path / "run")
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["algorithm"] == algorithm
+    task = make_task("spc", **tiny["settings"])
+    npo, meta = load_npo(tmp_path / "run", task)
+    assert training.trained_algorithm(meta) == algorithm
+    den = task.denoiser()
+    val = {host: float(evaluate_solver("v", task.student, tiny["val"], den, task.student_step_size, 3, preconditioner=npo,
+                                       progress=False, algorithm=host).psnr[3].mean()) for host in ("fista", algorithm)}
+    assert summary["best_val_psnr"] == pytest.approx(val[algorithm], abs=1e-4) and val["fista"] != val[algorithm]
+    # the teacher's cached targets are the teacher's run of the same algorithm
+    targets = training.TeacherTargets(task, den, tiny["train"][:2], 3, seed=0, algorithm=algorithm)
+    with torch.no_grad():
+        expected = solve(algorithm, task.teacher, targets.y, den, task.teacher_step_size, 3)
+    torch.testing.assert_close(targets.x, expected, rtol=1e-5, atol=1e-6)
+    # evaluated in its own algorithm (restart off: no momentum), or in another when asked
+    result = evaluate_runs([tmp_path / "run"], images=tiny["val"][:4], val_images=tiny["val"], progress=False,
+                           out=tmp_path / "eval")
+    assert result["results"]["algorithm"] == algorithm and result["results"]["restart"] is False
+    row = next(m for m in result["results"]["methods"] if m["label"] == "D2GP")
+    direct = evaluate_solver("d", task.student, tiny["val"][:4], den, task.student_step_size, 15, preconditioner=npo,
+                             progress=False, algorithm=algorithm)
+    assert row["psnr_per_iteration"] == pytest.approx(direct.summary()["psnr_per_iteration"], abs=1e-5)
+    other = evaluate_runs([tmp_path / "run"], images=tiny["val"][:2], val_images=tiny["val"], progress=False,
+                          out=tmp_path / "eval2", algorithm="fista")
+    assert other["results"]["algorithm"] == "fista" and other["results"]["restart"] is True
+    assert f"D2GP, trained in {algorithm}" in other["table"]
+    with pytest.raises(CheckpointError, match=f"{algorithm} has no momentum"):
+        evaluate_runs([tmp_path / "run"], images=tiny["val"][:2], val_images=tiny["val"], progress=False,
+                      out=tmp_path / "eval3", restart=True)
+
+
+def test_runs_and_weights_from_before_the_algorithm_are_fista(tiny, tmp_path):
+    old = _config(tiny).to_dict()
+    del old["algorithm"]
+    (tmp_path / "config.json").write_text(json.dumps({"train": old}))
+    assert training.saved_train_config(tmp_path) == _config(tiny).to_json_dict()
+    assert TrainConfig.from_dict(old).algorithm == "fista"
+    _, meta = load_npo("d2gp", make_task("spc"))
+    assert "algorithm" not in meta["train_config"] and training.trained_algorithm(meta) == "fista"
+    with pytest.raises(CheckpointError, match="trained in the algorithm 'admm', which this version does not know"):
+        training.trained_algorithm({"train_config": {"algorithm": "admm"}})
+
+
+def test_the_command_line_sets_the_algorithm():
+    from d2gp.cli import _train_config_from_args, build_parser
+
+    parse = lambda *flags: _train_config_from_args(build_parser().parse_args(["train", "--task", "spc", *flags]))
+    assert parse().algorithm == "fista" and parse("--algorithm", "hqs").algorithm == "hqs"

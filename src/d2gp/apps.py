@@ -22,10 +22,11 @@ from d2gp.evaluation import evaluate_solver, format_mean_std, tune_step_size
 from d2gp.plots import examples_figure, psnr_curves
 from d2gp.reports import markdown_table, write_results
 from d2gp.tasks import make_task
-from d2gp.preconditioners.files import trained_step_size
+from d2gp.preconditioners.files import trained_algorithm, trained_step_size
+from d2gp.solver import ALGORITHM_NAMES, check_algorithm
 from d2gp.training import TrainConfig, load_npo, saved_train_config, train
 
-__all__ = ["evaluate_runs", "evaluation_dir", "demo", "ensure_trained", "announce", "announce_training",
+__all__ = ["evaluate_runs", "evaluation_dir", "check_host", "demo", "ensure_trained", "announce", "announce_training",
            "profile_settings", "PROFILES", "TASK_PROFILES", "HORIZONS", "DEMO_TEST_IMAGES"]
 
 #: Training profiles: the budget (and its schedule) a preset gives a learned preconditioner.
@@ -109,6 +110,15 @@ def ensure_trained(config: TrainConfig, run_dir: str | os.PathLike, *, resume: b
 METHOD_LABELS = {"d2gp": "D2GP", "supervised": "Supervised"}
 
 
+def check_host(algorithm: str, restart: bool) -> str:
+    """:func:`~d2gp.solver.check_algorithm`, its refusal a :class:`~d2gp.checkpoints.CheckpointError`
+    (one line from the command line), before any compute."""
+    try:
+        return check_algorithm(algorithm, restart)
+    except ValueError as error:
+        raise CheckpointError(str(error)) from None
+
+
 def _run_config(run_dir: Path) -> dict:
     path = run_dir / "config.json"
     if not path.is_file():
@@ -146,17 +156,20 @@ def evaluation_dir(run_dirs: Sequence[str | os.PathLike]) -> Path:
 def evaluate_runs(run_dirs: Sequence[str | os.PathLike], *, split: str = "test", limit: int | None = None,
                   iterations: int | None = None, out: str | os.PathLike | None = None, batch_size: int = 64,
                   examples: int = 4, progress: bool = True, device: str | None = "auto",
-                  safeguard: float | None = None, horizons: Sequence[int] = HORIZONS, restart: bool = True,
-                  images: torch.Tensor | None = None, val_images: torch.Tensor | None = None) -> dict:
+                  safeguard: float | None = None, horizons: Sequence[int] = HORIZONS, restart: bool | None = None,
+                  images: torch.Tensor | None = None, val_images: torch.Tensor | None = None,
+                  algorithm: str | None = None) -> dict:
     """Compare trained NPOs with the student baseline (step tuned on validation) and the teacher.
 
     Every method runs to 5K iterations (K = the runs' training K unless ``iterations``; other
     multiples of K with ``horizons``), so the table shows PSNR at K and whether it holds at 2K and
     5K. All runs must be of the same task settings. With ``safeguard`` (ρ), each trained
     preconditioner is also run with the solver's safeguard (:func:`~d2gp.solver.pnp_fista`), as an
-    extra row. With ``restart`` (the default), every method — the baseline, whose γ is tuned so,
-    included — runs with the solver's adaptive momentum restart, which keeps both the tuned
-    baseline and the learned preconditioners stable past K (``benchmarks/results/stability``).
+    extra row. With ``restart`` (the default with FISTA), every method — the baseline, whose γ is
+    tuned so, included — runs with the solver's adaptive momentum restart, which keeps both the
+    tuned baseline and the learned preconditioners stable past K (``benchmarks/results/stability``).
+    Every method runs in the host ``algorithm`` (:func:`~d2gp.solver.solve`), by default the one
+    the runs were trained in (``TrainConfig.algorithm``; runs trained in different ones need it).
     The results go to ``out``, by default :func:`evaluation_dir` of the runs.
 
     The task is rebuilt from the runs' ``config.json`` by name: a task of your own must be
@@ -166,6 +179,8 @@ def evaluate_runs(run_dirs: Sequence[str | os.PathLike], *, split: str = "test",
 
     :param images, val_images: the test and validation images, instead of the task's dataset's
         ``split`` and validation split (for a task without a dataset).
+    :param restart: ``None``: on with ``fista``, off with ``pgd`` and ``hqs`` (no momentum to restart).
+    :param algorithm: ``None``: the runs' own.
     """
     run_dirs = [Path(d) for d in run_dirs]
     configs = [_run_config(d) for d in run_dirs]
@@ -174,6 +189,14 @@ def evaluate_runs(run_dirs: Sequence[str | os.PathLike], *, split: str = "test",
         if c["task"] != first["task"]:
             raise CheckpointError(f"{d} was trained on other task settings than {run_dirs[0]}: cannot compare them")
     train_config = TrainConfig.from_dict(first["train"])
+    trained_in = [TrainConfig.from_dict(c["train"]).algorithm for c in configs]
+    if algorithm is None:
+        if len(set(trained_in)) > 1:
+            raise CheckpointError(f"the runs were trained in different algorithms ({', '.join(sorted(set(trained_in)))}): "
+                                  f"choose the one to evaluate them all in (--algorithm)")
+        algorithm = trained_in[0]
+    restart = algorithm == "fista" if restart is None else restart
+    check_host(algorithm, restart)
     task = make_task(train_config.task, device=resolve_device(device), **train_config.task_settings)
     precision("evaluation", task.device)
     K = train_config.iterations if iterations is None else iterations
@@ -190,9 +213,11 @@ def evaluate_runs(run_dirs: Sequence[str | os.PathLike], *, split: str = "test",
     val = task.images("val", limit=train_config.val_images) if val_images is None else \
         task.check_images(val_images, "validation images")[:train_config.val_images]
 
-    announce(f"tuning the student baseline's step size γ on {len(val)} validation images at K = {K} "
-             f"(a grid, then golden-section search){', with adaptive restart' if restart else ''}", progress)
-    tuned, tuning = tune_step_size(task.student, val, denoiser, task.student_step_size, K, restart=restart)
+    announce(f"tuning the student baseline's step size γ on {len(val)} validation images at K = {K} in "
+             f"{ALGORITHM_NAMES[algorithm]} (a grid, then golden-section search){', with adaptive restart' if restart else ''}",
+             progress)
+    tuned, tuning = tune_step_size(task.student, val, denoiser, task.student_step_size, K, restart=restart,
+                                   algorithm=algorithm)
     announce(f"baseline step γ = {tuned:.4g} ({tuned / task.student_step_size:.2f} × the task's γ)", progress)
     methods = [("student baseline", task.student, tuned, None, None)]
     per_method = [c["train"]["method"] for c in configs]
@@ -201,6 +226,8 @@ def evaluate_runs(run_dirs: Sequence[str | os.PathLike], *, split: str = "test",
         label = METHOD_LABELS.get(meta["method"], meta["method"])
         if per_method.count(meta["method"]) > 1:  # several runs of one method: name them
             label = f"{label} ({run_dir.name})"
+        if trained_algorithm(meta) != algorithm:
+            label = f"{label}, trained in {trained_algorithm(meta)}"
         step = trained_step_size(meta, task)
         methods.append((label, task.student, step, npo, None))
         if safeguard is not None:
@@ -212,7 +239,7 @@ def evaluate_runs(run_dirs: Sequence[str | os.PathLike], *, split: str = "test",
     for label, physics, step, preconditioner, rho in methods:
         runs.append(evaluate_solver(label, physics, images, denoiser, step, horizon, preconditioner=preconditioner,
                                     ssim_at=(K,), batch_size=batch_size, keep_examples=examples, examples_at=K,
-                                    progress=progress, safeguard=rho, restart=restart))
+                                    progress=progress, safeguard=rho, restart=restart, algorithm=algorithm))
     header = ["method", f"PSNR K={K} (dB)", f"SSIM K={K}", *(f"PSNR {h}K={h * K} (dB)" for h in multiples[1:]),
               "step size γ", "seconds"]
     rows = [[run.label, format_mean_std(run.psnr[K]), format_mean_std(run.ssim[K], 3),
@@ -220,13 +247,13 @@ def evaluate_runs(run_dirs: Sequence[str | os.PathLike], *, split: str = "test",
             for run, (_, _, step, _, _) in zip(runs, methods)]
     results = {
         "task": task.name, "split": split, "images": len(images), "iterations": K, "horizons": horizons,
-        "runs": [str(d) for d in run_dirs], "restart": restart, "baseline_step_tuning": {"chosen": tuned, "val_psnr_by_step": tuning},
+        "runs": [str(d) for d in run_dirs], "algorithm": algorithm, "restart": restart, "baseline_step_tuning": {"chosen": tuned, "val_psnr_by_step": tuning},
         "methods": [{**run.summary(), "step_size": step, "safeguard": rho}
                     for run, (_, _, step, _, rho) in zip(runs, methods)],
     }
     announce(f"writing the table and figures to {out}", progress)
     write_results(out, header, rows, results, device=task.device)
-    examples_figure(images, runs, K, out / "examples.png", f"{task.name}: PnP-FISTA, K = {K}")
+    examples_figure(images, runs, K, out / "examples.png", f"{task.name}: {ALGORITHM_NAMES[algorithm]}, K = {K}")
     psnr_curves({run.label: run.summary()["psnr_per_iteration"] for run in runs}, out / "psnr_curves.png",
                 title=f"{task.name}: PSNR over iterations (trained for K = {K}"
                       f"{'; adaptive restart' if restart else ''})", train_iterations=K)
@@ -235,7 +262,7 @@ def evaluate_runs(run_dirs: Sequence[str | os.PathLike], *, split: str = "test",
 
 def demo(out: str | os.PathLike = "runs/demo", task: str = "spc", profile: str = "quick", seed: int = 0,
          resume: bool = True, progress: bool = True, limit: int | None = DEMO_TEST_IMAGES,
-         device: str | None = "auto", restart: bool = True,
+         device: str | None = "auto", restart: bool | None = None,
          **overrides) -> dict:
     """The main job: train D2GP and Supervised NPOs with ``profile``, then evaluate them on the test split.
 

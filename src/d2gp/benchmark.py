@@ -1,5 +1,8 @@
 r"""Every preconditioner in one preconditioned PnP-FISTA, on any task: the paper's Table I.
 
+``algorithm`` hosts every row in PnP-PGD or PnP-HQS instead (:func:`d2gp.solver.solve`): the
+non-learned methods are tuned in it, the learned ones trained in it, the teacher runs it.
+
 ``benchmark(tasks, methods)`` tunes the non-learned methods on the validation split, trains
 the learned ones (each a resumable run directory, reused when finished), evaluates everything
 on the test split to 2K iterations and writes, per task and for all tasks together,
@@ -38,14 +41,14 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from d2gp.apps import HORIZONS, announce, ensure_trained
+from d2gp.apps import HORIZONS, announce, check_host, ensure_trained
 from d2gp.checkpoints import CheckpointError
 from d2gp.device import module_device, precision, resolve_device, synchronize
 from d2gp.evaluation import evaluate_solver, format_mean_std, mean_std
 from d2gp.plots import examples_figure, psnr_curves
-from d2gp.preconditioners.files import trained_step_size
+from d2gp.preconditioners.files import trained_algorithm, trained_step_size
 from d2gp.reports import markdown_table, write_results
-from d2gp.solver import pnp_fista
+from d2gp.solver import ALGORITHM_NAMES, solve
 from d2gp.tasks import TASKS, Task, make_task
 from d2gp.training import TrainConfig, load_npo
 from d2gp.tuning import STEP_FACTORS, classical_candidates, tune_classical
@@ -123,12 +126,12 @@ def iterations_to_reach(psnr_per_iteration: Sequence[float], target: float) -> i
 
 
 @torch.no_grad()
-def _seconds_per_image(physics, images, denoiser, step, K, P) -> float:
+def _seconds_per_image(physics, images, denoiser, step, K, P, algorithm: str = "fista") -> float:
     device = module_device(physics)
     y = physics.A(images.to(device))
     synchronize(device)
     began = time.perf_counter()
-    pnp_fista(physics, y, denoiser, step, K, P)
+    solve(algorithm, physics, y, denoiser, step, K, P)
     synchronize(device)
     return (time.perf_counter() - began) / len(images)
 
@@ -160,7 +163,8 @@ def benchmark(tasks: Sequence[str] = ("spc", "mri", "sr"), methods: Sequence[str
               runs: str | os.PathLike = "runs/benchmark", iterations: int = 20, examples: int = 4,
               progress: bool = True, task_settings: dict | None = None, limit: int | None = None,
               tune_images: int | None = None, device: str | None = "auto", restart: bool = False,
-              early: Sequence[int] = EARLY, converge: int = CONVERGE, **train_overrides) -> dict:
+              early: Sequence[int] = EARLY, converge: int = CONVERGE, algorithm: str = "fista",
+              **train_overrides) -> dict:
     """Run ``methods`` on ``tasks`` (see the module documentation); returns the tables and results.
 
     :param seeds: training seeds of the learned methods (non-learned ones do not depend on it).
@@ -170,6 +174,8 @@ def benchmark(tasks: Sequence[str] = ("spc", "mri", "sr"), methods: Sequence[str
     :param device: where to train and evaluate (``"auto"``: a CUDA GPU when there is one).
     :param restart: tune and evaluate every method with the solver's adaptive momentum restart
         (:func:`~d2gp.solver.pnp_fista`); off by default: the paper's plain PnP-FISTA.
+    :param algorithm: the host algorithm of every row (:data:`~d2gp.solver.ALGORITHMS`): the learned
+        methods are trained in it (``TrainConfig.algorithm``), the others tuned in it.
     :param early: iterations k < K whose PSNR is also reported (the speed a user buys; default 5 and 10).
     :param converge: the baseline runs to this many iterations (when it is among ``methods``): the
         column "iterations to the baseline's best" counts, per method, the first k at which its mean
@@ -178,6 +184,7 @@ def benchmark(tasks: Sequence[str] = ("spc", "mri", "sr"), methods: Sequence[str
     :param train_overrides: :class:`~d2gp.training.TrainConfig` fields on top of the profile's.
     """
     _check_request(tasks, methods, seeds, iterations)
+    check_host(algorithm, restart)
     early = sorted({int(k) for k in early if 1 <= int(k) < iterations})
     if isinstance(converge, bool) or not isinstance(converge, int) or converge < 1:
         raise CheckpointError(f"converge must be an integer ≥ 1, got {converge!r}")
@@ -212,29 +219,30 @@ def benchmark(tasks: Sequence[str] = ("spc", "mri", "sr"), methods: Sequence[str
                 lr = TASK_LR.get(task_name, {}).get(method.train["preconditioner"])
                 for seed in seeds:
                     config = TrainConfig(task=task_name, task_settings=task_settings or {}, seed=seed, iterations=iterations,
-                                         **{**({"lr": lr} if lr else {}), **train_settings, **method.train})
+                                         algorithm=algorithm, **{**({"lr": lr} if lr else {}), **train_settings,
+                                                                 **method.train})
                     run_dir = ensure_trained(config, runs / task_name / f"{name}-seed{seed}", progress=progress,
                                              device=device)
                     precision("evaluation", device)
                     P, meta = load_npo(run_dir / "best.pt", task)
                     summary = json.loads((run_dir / "summary.json").read_text())
                     trained_seconds.append(summary["training_seconds"])
-                    evaluations.append((P, task.student, trained_step_size(meta, task)))
+                    evaluations.append((P, task.student, trained_step_size(meta, task), trained_algorithm(meta)))
                     record[f"seed{seed}"] = str(run_dir)
             elif name == "teacher":
-                evaluations.append((None, task.teacher, task.teacher_step_size))
+                evaluations.append((None, task.teacher, task.teacher_step_size, algorithm))
             else:
-                P, gamma, record = tune_classical(name, task, val, denoiser, iterations, restart)
-                evaluations.append((P, task.student, gamma))
+                P, gamma, record = tune_classical(name, task, val, denoiser, iterations, restart, algorithm)
+                evaluations.append((P, task.student, gamma, algorithm))
             runs_of_method, seconds = [], []
             horizon = max(horizons[-1], converge) if name == "baseline" else horizons[-1]
-            for P, physics, step in evaluations:
+            for P, physics, step, host in evaluations:
                 params = _parameters(P)
                 runs_of_method.append(evaluate_solver(method.label, physics, test, denoiser, step, horizon,
                                                       preconditioner=P, ssim_at=(iterations,), keep_examples=examples,
                                                       examples_at=iterations,
-                                                      progress=False, restart=restart))
-                seconds.append(_seconds_per_image(physics, timing_batch, denoiser, step, iterations, P))
+                                                      progress=False, restart=restart, algorithm=host))
+                seconds.append(_seconds_per_image(physics, timing_batch, denoiser, step, iterations, P, host))
             entries.append((name, method, runs_of_method, params, trained_seconds, record, evaluations[0][2],
                             1000 * sum(seconds) / len(seconds)))
         d2gp_params = next((e[3] for e in entries if e[0] == "d2gp"), None)
@@ -267,12 +275,13 @@ def benchmark(tasks: Sequence[str] = ("spc", "mri", "sr"), methods: Sequence[str
                                  "parameter_megabytes": 4 * params / 1e6,  # float32; Adam training holds 4×
                                  "step_size": step, "tuning_or_runs": record})
         task_out = out / task_name
-        task_config = {"restart": restart, "profile": profile, "early": early, "converge": converge,
+        task_config = {"algorithm": algorithm, "restart": restart, "profile": profile, "early": early, "converge": converge,
                        "baseline_best_minus_tolerance": target, "tolerance_db": CONVERGED_TOLERANCE_DB, "train": train_settings, "seeds": list(seeds), "iterations": iterations,
                        "task": task.config.to_dict(), "test_images": len(test), "tune_images": len(val)}
         write_results(task_out, header, rows, {"config": task_config, "methods": task_results}, device=device)
         first_runs = [e[2][0] for e in entries]
-        examples_figure(test, first_runs, iterations, task_out / "examples.png", f"{task.name}: PnP-FISTA, K = {iterations}")
+        examples_figure(test, first_runs, iterations, task_out / "examples.png",
+                        f"{task.name}: {ALGORITHM_NAMES[algorithm]}, K = {iterations}")
         psnr_curves({r["label"]: r["psnr_per_iteration"] for r in task_results}, task_out / "psnr_curves.png",
                     title=f"{task.name}: PSNR over iterations", train_iterations=iterations)
         results[task_name] = {"config": task_config, "methods": task_results, "table": markdown_table(header, rows)}

@@ -112,12 +112,24 @@ def _add_device_argument(parser: argparse.ArgumentParser) -> None:
                              "cuda:N (default auto)")
 
 
-def _add_restart_argument(parser: argparse.ArgumentParser, restart: bool) -> None:
+def _add_restart_argument(parser: argparse.ArgumentParser, restart: bool | None) -> None:
+    """``--restart``; ``restart=None``: on with FISTA, off with the hosts that have no momentum."""
+    default = "on with --algorithm fista, off with pgd and hqs (no momentum)" if restart is None else \
+        "on" if restart else "off"
     parser.add_argument("--restart", action=argparse.BooleanOptionalAction, default=restart,
                         help="adaptive momentum restart in every method's solver: FISTA's momentum is reset for an "
                              "image whose step ‖x_{k+1} − x_k‖ grew; keeps the tuned baseline and the learned "
-                             f"preconditioners stable past K (default {'on' if restart else 'off'}; off is the paper's "
-                             "plain PnP-FISTA)")
+                             f"preconditioners stable past K (default {default}; off is the paper's plain PnP-FISTA; "
+                             "fista only)")
+
+
+def _add_algorithm_argument(parser: argparse.ArgumentParser, default: str | None, shown: str) -> None:
+    from d2gp.solver import ALGORITHMS, HQS_INNER_STEPS
+
+    parser.add_argument("--algorithm", choices=list(ALGORITHMS), default=default,
+                        help="the host algorithm of every method: fista (PnP-FISTA), pgd (PnP-PGD: no momentum) or hqs "
+                             f"(PnP-HQS, its data step {HQS_INNER_STEPS} preconditioned gradient steps on the proximal "
+                             f"sub-problem) (default {shown})")
 
 
 def _add_safeguard_argument(parser: argparse.ArgumentParser) -> None:
@@ -162,6 +174,8 @@ _TRAIN_FLAGS = {
     "step_size": "the student's step γ the preconditioner is trained and evaluated with (the task itself, and the "
                  "baseline's tuning, keep --student-step-size)",
     "tune_step": "tune γ on the validation split before training (as the baseline's), instead of starting at 1/L",
+    "algorithm": "the host algorithm the student and the teacher run in training and in every evaluation of the run: "
+                 "fista, pgd (no momentum) or hqs (preconditioned inexact data step)",
 }
 _NPO_FLAGS = {
     "width": (int, "NPO channels per block"),
@@ -257,29 +271,37 @@ def cmd_reconstruct(args: argparse.Namespace) -> None:
     out = check_output_path(args.out or f"results/reconstruct-{task.name}", folder=True)
     if (out / "checkpoint.pt").exists():  # its config.json would be replaced by this command's
         raise CheckpointError(f"--out {out} is a training run directory; write the reconstructions elsewhere")
+    from d2gp.apps import check_host
+    from d2gp.solver import ALGORITHM_NAMES
+
     methods = [("student", task.student, task.student_step_size, None, None)]
+    algorithm = args.algorithm or "fista"
     if args.preconditioner != "identity":  # files first, then data and compute
         from d2gp.training import load_npo
 
-        from d2gp.preconditioners.files import trained_step_size
+        from d2gp.preconditioners.files import trained_algorithm, trained_step_size
 
         npo, meta = load_npo(args.preconditioner, task)
+        algorithm = args.algorithm or trained_algorithm(meta)
         label, step = f"student + {meta['method']} NPO", trained_step_size(meta, task)
+        if trained_algorithm(meta) != algorithm:
+            label = f"{label} (trained in {trained_algorithm(meta)})"
         methods.append((label, task.student, step, npo, None))
         if args.safeguard is not None:
             methods.append((f"{label}, safeguard ρ={args.safeguard:g}", task.student, step, npo, args.safeguard))
         if meta.get("task_config") != task.config.to_dict():
             print(f"note: the NPO was trained with other task settings ({meta.get('task_config')})")
+    check_host(algorithm, args.restart)
     denoiser = task.denoiser()
     images = task.images(args.split, limit=args.limit)
     out.mkdir(parents=True, exist_ok=True)
-    print(f"{task!r}\n{len(images)} {args.split} images from {task.dataset!r}, K = {args.iterations}, "
+    print(f"{task!r}\n{len(images)} {args.split} images from {task.dataset!r}, {ALGORITHM_NAMES[algorithm]}, K = {args.iterations}, "
           f"γ_student = {task.student_step_size:.4g}, γ_teacher = {task.teacher_step_size:.4g}")
     methods.append(("teacher", task.teacher, task.teacher_step_size, None, None))
     precision("evaluation", task.device)
     runs = [evaluate_solver(label, physics, images, denoiser, step, args.iterations, preconditioner=preconditioner,
                             ssim_at=ks, noise_seed=args.noise_seed, batch_size=args.batch_size,
-                            keep_examples=args.examples, safeguard=rho, restart=args.restart)
+                            keep_examples=args.examples, safeguard=rho, restart=args.restart, algorithm=algorithm)
             for label, physics, step, preconditioner, rho in methods]
 
     rows = [[run.label, k, format_mean_std(run.psnr[k]), format_mean_std(run.ssim[k], 3)] for run in runs for k in ks]
@@ -288,10 +310,11 @@ def cmd_reconstruct(args: argparse.Namespace) -> None:
     write_json({"config": task.config.to_dict(), "cli": {k: v for k, v in vars(args).items() if k != "func"},
                 "environment": environment(task.device)}, out / "config.json")
     write_results(out, header, rows, {
-        "task": task.name, "dataset": task.dataset, "split": args.split, "images": len(images),
+        "task": task.name, "dataset": task.dataset, "split": args.split, "images": len(images), "algorithm": algorithm,
         "step_size": {"student": task.student_step_size, "teacher": task.teacher_step_size},
         "seconds": {run.label: run.seconds for run in runs}, "runs": [run.summary() for run in runs]}, device=task.device)
-    examples_figure(images, runs, args.iterations, out / "examples.png", f"{task.name}: PnP-FISTA, K = {args.iterations}")
+    examples_figure(images, runs, args.iterations, out / "examples.png",
+                    f"{task.name}: {ALGORITHM_NAMES[algorithm]}, K = {args.iterations}")
     psnr_curves({run.label: run.summary()["psnr_per_iteration"] for run in runs}, out / "psnr_curves.png",
                 title=f"{task.name}: PSNR over iterations")
     print(f"wrote {out}/ (table.md, table.csv, results.json, config.json, examples.png, psnr_curves.png)")
@@ -316,7 +339,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     check_output_path(args.out or evaluation_dir(args.runs), folder=True)
     result = evaluate_runs(args.runs, split=args.split, limit=args.limit, iterations=args.iterations, out=args.out,
                            batch_size=args.batch_size, device=args.device, safeguard=args.safeguard,
-                           restart=args.restart)
+                           restart=args.restart, algorithm=args.algorithm)
     print(result["table"])
     print(f"wrote {result['out']}/ (table.md, table.csv, results.json, examples.png, psnr_curves.png)")
 
@@ -338,7 +361,7 @@ def cmd_benchmark(args: argparse.Namespace) -> None:
     check_output_path(args.runs, folder=True, what="--runs")
     result = benchmark(args.tasks, args.methods, profile=args.profile, seeds=args.seeds, out=args.out, runs=args.runs,
                        iterations=args.iterations, device=args.device, restart=args.restart, early=args.early,
-                       converge=args.converge)
+                       converge=args.converge, algorithm=args.algorithm)
     print(result["table"])
     print(f"wrote {result['out']}/ (table.md, table.csv, results.json; per task: examples.png, psnr_curves.png)")
 
@@ -447,6 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", default="runs/benchmark", help="training runs (RUNS/TASK/METHOD-seedS), reused when finished")
     _add_device_argument(p)
     _add_restart_argument(p, restart=False)
+    _add_algorithm_argument(p, "fista", "fista: the paper's; the learned methods are trained in it, the others tuned in it")
     p.set_defaults(func=cmd_benchmark)
 
     p = sub.add_parser("train", help="train an NPO preconditioner (D2GP or Supervised)")
@@ -468,7 +492,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "RUN/evaluation for one run, runs/evaluation for runs/a runs/b)")
     _add_device_argument(p)
     _add_safeguard_argument(p)
-    _add_restart_argument(p, restart=True)
+    _add_restart_argument(p, restart=None)
+    _add_algorithm_argument(p, None, "the one the runs were trained in")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("tasks", help="list the tasks, their operators and default settings")
@@ -494,6 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device_argument(p)
     _add_safeguard_argument(p)
     _add_restart_argument(p, restart=False)
+    _add_algorithm_argument(p, None, "the one --preconditioner was trained in; fista for identity")
     p.set_defaults(func=cmd_reconstruct)
 
     from d2gp.analysis import LINEAR_CHOICES

@@ -16,7 +16,7 @@ from deepinv.loss.metric import PSNR, SSIM
 from tqdm.auto import tqdm
 
 from d2gp.device import module_device
-from d2gp.solver import pnp_fista
+from d2gp.solver import check_algorithm, solve
 from d2gp.tasks.base import measure
 
 __all__ = ["psnr", "ssim", "mean_std", "format_mean_std", "SolverRun", "evaluate_solver", "spread_indices",
@@ -102,15 +102,18 @@ def evaluate_solver(
     progress: bool = True,
     safeguard: float | None = None,
     restart: bool = False,
+    algorithm: str = "fista",
 ) -> SolverRun:
-    """Measure ``images`` with ``physics`` (noise seeded per image), run PnP-FISTA, score every iteration.
+    """Measure ``images`` with ``physics`` (noise seeded per image), run the PnP solver, score every iteration.
 
     PSNR is recorded after every iteration k = 0 (the initial estimate γAᵀy) … K; SSIM at the
     iterations listed in ``ssim_at``. ``keep_examples`` reconstructions are kept at iteration
     ``examples_at`` (default K). ``safeguard`` is the solver's ρ (:func:`~d2gp.solver.pnp_fista`);
     then ``run.active[k]`` is the fraction of images still preconditioned after k iterations.
-    ``restart`` is the solver's adaptive momentum restart.
+    ``restart`` is the solver's adaptive momentum restart. ``algorithm`` is the host algorithm
+    (:data:`~d2gp.solver.ALGORITHMS`, :func:`~d2gp.solver.solve`; default preconditioned PnP-FISTA).
     """
+    check_algorithm(algorithm, restart)
     began = time.perf_counter()
     run = SolverRun(label, iterations)
     psnr_k: list[list[torch.Tensor]] = [[] for _ in range(iterations + 1)]
@@ -128,8 +131,8 @@ def evaluate_solver(
         x_true = images[start:start + batch_size].to(device)
         y = measure(physics, x_true, seed=noise_seed, offset=start)
         x0 = step_size * physics.A_adjoint(y)
-        _, trace = pnp_fista(physics, y, denoiser, step_size, iterations, preconditioner, x0=x0, trace=True,
-                             safeguard=safeguard, restart=restart)
+        _, trace = solve(algorithm, physics, y, denoiser, step_size, iterations, preconditioner, x0=x0, trace=True,
+                         safeguard=safeguard, restart=restart)
         for k, active in enumerate(trace.active):
             active_sum[k] += float(active.sum())
         estimates = [x0, *trace.x]
@@ -175,7 +178,7 @@ def golden_section_max(f: Callable[[float], float], low: float, high: float, eva
 def tune_step_size(physics, images: torch.Tensor, denoiser, base_step: float, iterations: int,
                    factors: Sequence[float] = (0.5, 0.75, 1.0, 1.5, 2.0, 3.0), noise_seed: int = 10_000,
                    preconditioner=None, refine: int = 6, tried: dict | None = None,
-                   restart: bool = False) -> tuple[float, dict]:
+                   restart: bool = False, algorithm: str = "fista") -> tuple[float, dict]:
     """Pick γ = f·base_step with the best mean PSNR at K on ``images`` (a validation split).
 
     Every factor of the grid ``factors`` is tried, then ``refine`` more by golden-section search
@@ -184,6 +187,7 @@ def tune_step_size(physics, images: torch.Tensor, denoiser, base_step: float, it
 
     :param tried: a record of an earlier call with the same problem (γ → PSNR): those γ are not run again.
     :param restart: tune the solver with adaptive momentum restart (:func:`~d2gp.solver.pnp_fista`).
+    :param algorithm: the host algorithm tuned (:func:`~d2gp.solver.solve`).
     :return: the chosen γ and the PSNR of every tried γ (the tuning record).
     """
     record = dict(tried or {})
@@ -193,7 +197,7 @@ def tune_step_size(physics, images: torch.Tensor, denoiser, base_step: float, it
         if key not in record:
             run = evaluate_solver("tune", physics, images, denoiser, factor * base_step, iterations,
                                   preconditioner=preconditioner, noise_seed=noise_seed, progress=False,
-                                  restart=restart)
+                                  restart=restart, algorithm=algorithm)
             value = float(run.psnr[iterations].mean())
             record[key] = value if math.isfinite(value) else float("-inf")
         return record[key]

@@ -1,35 +1,57 @@
-r"""Preconditioned plug-and-play FISTA (Algorithm 1 of D2GP), differentiable end to end.
+r"""Plug-and-play solvers with a preconditioned data step, differentiable end to end.
 
-.. code-block:: text
+Three host algorithms (:data:`ALGORITHMS`, run any of them with :func:`solve`) take the same
+preconditioner ``P(g, k)`` of the data-fidelity gradient :math:`∇f(z) = A^\top(Az − y)`,
+:math:`f(z) = ½\|Az − y\|^2`:
 
-    x_0 = z_0 = γ Aᵀy;  t_0 = 1
-    for k = 0 … K−1:
-        g_k     = Aᵀ(A z_k − y)                    # ∇f(z_k), f(z) = ½‖Az − y‖²
-        x_{k+1} = D(z_k − γ P(g_k, k))
-        t_{k+1} = (1 + √(1 + 4 t_k²)) / 2
-        z_{k+1} = x_{k+1} + ((t_k − 1)/t_{k+1}) (x_{k+1} − x_k)
-    return x_K
+* ``fista`` — preconditioned PnP-FISTA (Algorithm 1 of D2GP), :func:`pnp_fista`:
 
-The solver knows nothing of tasks: it takes any ``deepinv.physics.LinearPhysics`` (only ``A``
+  .. code-block:: text
+
+      x_0 = z_0 = γ Aᵀy;  t_0 = 1
+      for k = 0 … K−1:
+          g_k     = Aᵀ(A z_k − y)                    # ∇f(z_k), f(z) = ½‖Az − y‖²
+          x_{k+1} = D(z_k − γ P(g_k, k))
+          t_{k+1} = (1 + √(1 + 4 t_k²)) / 2
+          z_{k+1} = x_{k+1} + ((t_k − 1)/t_{k+1}) (x_{k+1} − x_k)
+      return x_K
+
+* ``pgd`` — preconditioned PnP-PGD (PnP-ISTA), :func:`pnp_pgd`: the same step without momentum,
+  :math:`x_{k+1} = D(x_k − γ P(∇f(x_k), k))`;
+* ``hqs`` — PnP half-quadratic splitting whose data step, the proximal step
+  :math:`\operatorname{prox}_{2γf}(x_k)`, is solved inexactly by a few preconditioned gradient
+  steps of step γ on its sub-problem, :func:`pnp_hqs`.
+
+The solvers know nothing of tasks: they take any ``deepinv.physics.LinearPhysics`` (only ``A``
 and ``A_adjoint`` are called), any denoiser ``D(x)`` and any preconditioner ``P(g, k)``
-(``None`` is the identity, i.e. plain PnP-FISTA). A preconditioner that also wants the
-iterate declares ``uses_iterate = True`` and is called as ``P(g, k, iterate=z_k)``.
+(``None`` is the identity, i.e. the plain algorithm). A preconditioner that also wants the
+iterate declares ``uses_iterate = True`` and is called as ``P(g, k, iterate=z)``.
 
-It runs under the caller's autograd mode: inside ``torch.no_grad()`` / ``torch.inference_mode()``
-for inference, with autograd through all K iterations for training. Options:
+They run under the caller's autograd mode: inside ``torch.no_grad()`` / ``torch.inference_mode()``
+for inference, with autograd through all K iterations for training. Options (all three hosts
+unless said otherwise):
 
 * ``checkpoint=True``: per-iteration gradient checkpointing (recompute each iteration in the
   backward pass: memory O(1) in K instead of O(K) activations, same gradients);
 * ``autocast=True``: the denoiser and the preconditioner run under bfloat16 autocast (on the
-  tensors' device); the FISTA arithmetic and the operators stay in float32;
+  tensors' device); the solver's arithmetic and the operators stay in float32;
 * ``grad_from=j``: truncated backpropagation, autograd only through iterations k ≥ j;
-* ``safeguard=ρ``: a per-image fallback to plain PnP-FISTA (:func:`pnp_fista`'s docstring);
-* ``restart=True``: adaptive restart of the momentum, per image, when its step grows
-  (:func:`pnp_fista`'s docstring) — the preconditioner stays on.
+* ``safeguard=ρ``: a per-image fallback to the plain algorithm (:func:`pnp_fista`'s docstring);
+* ``restart=True`` (``fista`` only: the others have no momentum to restart): adaptive restart of
+  the momentum, per image, when its step grows (:func:`pnp_fista`'s docstring) — the
+  preconditioner stays on.
+
+Why not ``deepinv.optim``: its iterators call ``data_fidelity.grad(x, y, physics)`` without the
+iteration index that ``P(g, k)`` needs, keep no per-iteration points and gradients (its metrics are
+detached numbers), have no per-image safeguard, restart, checkpointing or truncated backpropagation,
+its HQS data step is an exact proximal step and its FISTA uses another momentum sequence
+(:math:`α_k = (k + a − 1)/(k + a)`) — hosting ours there would reuse its loop and nothing else.
 
 References:
     Beck & Teboulle, "A fast iterative shrinkage-thresholding algorithm", SIAM J. Imaging Sci. 2009.
     O'Donoghue & Candès, "Adaptive restart for accelerated gradient schemes", Found. Comput. Math. 2015.
+    Geman & Yang, "Nonlinear image recovery with half-quadratic regularization", IEEE TIP 1995.
+    Zhang, Zuo, Gu & Zhang, "Learning deep CNN denoiser prior for image restoration", CVPR 2017.
     Kamilov et al., "Plug-and-play methods for integrating physical and learned models", IEEE SPM 2023.
 """
 
@@ -43,7 +65,15 @@ from typing import Callable, Optional
 import torch
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
-__all__ = ["pnp_fista", "Trace", "fidelity", "identity_preconditioner"]
+__all__ = ["ALGORITHMS", "ALGORITHM_NAMES", "HQS_INNER_STEPS", "solve", "check_algorithm", "pnp_fista", "pnp_pgd", "pnp_hqs", "Trace",
+           "fidelity", "identity_preconditioner"]
+
+#: The host algorithms of :func:`solve`.
+ALGORITHMS = ("fista", "pgd", "hqs")
+#: Their names in tables and figures.
+ALGORITHM_NAMES = {"fista": "PnP-FISTA", "pgd": "PnP-PGD", "hqs": "PnP-HQS"}
+#: Preconditioned gradient steps per data step of ``hqs`` (1 would be ``pgd``).
+HQS_INNER_STEPS = 3
 
 Preconditioner = Callable[..., torch.Tensor]
 
@@ -65,6 +95,8 @@ class Trace:
     ``x[k]`` is x_{k+1} (the output of iteration k), ``z[k]`` the point z_k where the gradient
     ``grad[k]`` = ∇f(z_k) was taken, ``preconditioned[k]`` = P(∇f(z_k), k) and ``fidelity[k]``
     = f(z_k) per image. Tensors keep their autograd graph when the solver ran with autograd.
+    For ``pgd`` and ``hqs`` z_k = x_k (no momentum); ``hqs`` records the first of its inner
+    steps, taken at x_k, where the sub-problem's gradient is ∇f(x_k).
     """
 
     x: list[torch.Tensor] = field(default_factory=list)
@@ -74,6 +106,15 @@ class Trace:
     fidelity: list[torch.Tensor] = field(default_factory=list)
     #: with a safeguard: per iteration, which images still use the preconditioner (bool, (B,)).
     active: list[torch.Tensor] = field(default_factory=list)
+
+
+def _check_arguments(iterations: int, step_size: float, safeguard: Optional[float]) -> None:
+    if iterations < 0:
+        raise ValueError(f"iterations must be ≥ 0, got {iterations}")
+    if not (step_size > 0 and math.isfinite(step_size)):
+        raise ValueError(f"step_size must be a finite number > 0, got {step_size}")
+    if safeguard is not None and not (safeguard >= 1 and math.isfinite(safeguard)):
+        raise ValueError(f"safeguard ρ must be a finite number ≥ 1, got {safeguard}")
 
 
 def _autocast(enabled: bool, device_type: str):
@@ -149,12 +190,7 @@ def pnp_fista(
     >>> out.shape
     torch.Size([2, 1, 32, 32])
     """
-    if iterations < 0:
-        raise ValueError(f"iterations must be ≥ 0, got {iterations}")
-    if not (step_size > 0 and math.isfinite(step_size)):
-        raise ValueError(f"step_size must be a finite number > 0, got {step_size}")
-    if safeguard is not None and not (safeguard >= 1 and math.isfinite(safeguard)):
-        raise ValueError(f"safeguard ρ must be a finite number ≥ 1, got {safeguard}")
+    _check_arguments(iterations, step_size, safeguard)
     P = preconditioner or identity_preconditioner
     uses_iterate = bool(getattr(P, "uses_iterate", False))
     device_type = y.device.type
@@ -221,6 +257,226 @@ def pnp_fista(
                 record.active.append(active.clone())
         x, z, t = x_new, z_new, t_new
     return (x, record) if trace else x
+
+
+def pnp_pgd(
+    physics,
+    y: torch.Tensor,
+    denoiser: Callable[[torch.Tensor], torch.Tensor],
+    step_size: float,
+    iterations: int = 20,
+    preconditioner: Optional[Preconditioner] = None,
+    x0: Optional[torch.Tensor] = None,
+    *,
+    trace: bool = False,
+    checkpoint: bool = False,
+    autocast: bool = False,
+    grad_from: int = 0,
+    safeguard: Optional[float] = None,
+    safeguard_from: int = 3,
+):
+    r"""Run K iterations of preconditioned PnP-PGD (PnP-ISTA) from :math:`x_0 = γ A^\top y`:
+
+    .. math::
+
+        x_{k+1} = D\big(x_k − γ\, P(∇f(x_k), k)\big), \qquad ∇f(x) = A^\top(Ax − y).
+
+    The step of :func:`pnp_fista` without its momentum (:math:`z_k = x_k`). The safeguard is
+    :func:`pnp_fista`'s without the restart of the momentum: a rejected step leaves
+    :math:`x_{k+1} = x_k` and the image continues as plain PnP-PGD (P = I, same γ).
+    Parameters and return value: those of :func:`pnp_fista` (there is no ``restart``).
+
+    Reference: Kamilov et al., "Plug-and-play methods for integrating physical and learned
+    models", IEEE SPM 2023 (PnP-ISTA); Hong et al., "Provable preconditioned plug-and-play
+    approach for compressed sensing MRI reconstruction", IEEE TCI 2024 (preconditioned PnP-ISTA).
+
+    :Example:
+
+    >>> import torch
+    >>> from d2gp.tasks import make_task
+    >>> task = make_task("spc")
+    >>> y = task.student.A(torch.rand(2, 1, 32, 32))
+    >>> pnp_pgd(task.student, y, denoiser=lambda v: v.clamp(0, 1), step_size=1.0, iterations=5).shape
+    torch.Size([2, 1, 32, 32])
+    """
+    return _pnp_splitting(physics, y, denoiser, step_size, iterations, preconditioner, x0, inner_steps=1,
+                          trace=trace, checkpoint=checkpoint, autocast=autocast, grad_from=grad_from,
+                          safeguard=safeguard, safeguard_from=safeguard_from)
+
+
+def pnp_hqs(
+    physics,
+    y: torch.Tensor,
+    denoiser: Callable[[torch.Tensor], torch.Tensor],
+    step_size: float,
+    iterations: int = 20,
+    preconditioner: Optional[Preconditioner] = None,
+    x0: Optional[torch.Tensor] = None,
+    *,
+    inner_steps: int = HQS_INNER_STEPS,
+    trace: bool = False,
+    checkpoint: bool = False,
+    autocast: bool = False,
+    grad_from: int = 0,
+    safeguard: Optional[float] = None,
+    safeguard_from: int = 3,
+):
+    r"""Run K iterations of PnP half-quadratic splitting with a preconditioned data step, from
+    :math:`x_0 = γ A^\top y`.
+
+    PnP-HQS alternates the proximal step of the data fidelity and the denoiser,
+
+    .. math::
+
+        z_{k+1} = \operatorname{prox}_{2γf}(x_k) = \operatorname*{argmin}_z\; h_k(z), \quad
+        h_k(z) = ½\|Az − y\|^2 + \frac{1}{4γ}\|z − x_k\|^2, \qquad x_{k+1} = D(z_{k+1}).
+
+    Here the sub-problem is solved inexactly by J = ``inner_steps`` preconditioned gradient steps
+    of step γ from :math:`u_0 = x_k`, the preconditioner applied to the sub-problem's gradient:
+
+    .. math::
+
+        u_{j+1} = u_j − γ\, P\big(∇h_k(u_j), k\big), \quad
+        ∇h_k(u) = A^\top(Au − y) + \frac{u − x_k}{2γ}, \qquad z_{k+1} = u_J.
+
+    A fixed point of the inner iteration solves the sub-problem whatever P (an injective P
+    changes the speed of the inner solve, not its solution): the exact step is
+    :math:`z_{k+1} = (A^\top A + I/(2γ))^{-1}(A^\top y + x_k/(2γ))`. The step γ is the one the
+    preconditioner is trained for (so that the first inner step is the PnP-PGD step), and the
+    sub-problem's weight :math:`1/(4γ)` makes the plain inner iteration a contraction at the
+    usual steps: with P = I it is :math:`u_{j+1} = (u_j + x_k)/2 − γ∇f(u_j)`, whose error is
+    multiplied by :math:`I/2 − γA^\top A` — a factor at most ½ at γ = 1/L (L = ‖AᵀA‖),
+    convergence for every γ < 3/(2L) — whereas with a weight 1/(2γ) it would be
+    :math:`−γA^\top A`, on the edge of divergence at γ = 1/L. With
+    :math:`P = (A^\top A + I/(2γ))^{-1}/γ` (Newton with δ = 1/(2γ)) one inner step is exact.
+    Since :math:`∇h_k(x_k) = ∇f(x_k)`, J = 1 is :func:`pnp_pgd` (linearised HQS, PnP-ISTA);
+    every iteration costs J gradients and J applications of P.
+
+    The :class:`Trace` records the first inner step (at :math:`u_0 = x_k`: z_k = x_k,
+    grad = ∇f(x_k), preconditioned = P(∇f(x_k), k)); the safeguard is :func:`pnp_pgd`'s (a
+    rejected image takes every inner step with P = I from then on).
+    Parameters and return value: those of :func:`pnp_fista` (there is no ``restart``), and
+
+    :param inner_steps: J ≥ 1, preconditioned gradient steps per data step.
+
+    References: Geman & Yang, IEEE TIP 1995; Zhang, Zuo, Gu & Zhang, "Learning deep CNN denoiser
+    prior for image restoration", CVPR 2017 (PnP-HQS).
+
+    :Example:
+
+    >>> import torch
+    >>> from d2gp.tasks import make_task
+    >>> task = make_task("spc")
+    >>> y = task.student.A(torch.rand(2, 1, 32, 32))
+    >>> pnp_hqs(task.student, y, denoiser=lambda v: v.clamp(0, 1), step_size=0.5, iterations=5).shape
+    torch.Size([2, 1, 32, 32])
+    """
+    if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 1:
+        raise ValueError(f"inner_steps must be an integer ≥ 1, got {inner_steps!r}")
+    return _pnp_splitting(physics, y, denoiser, step_size, iterations, preconditioner, x0, inner_steps=inner_steps,
+                          trace=trace, checkpoint=checkpoint, autocast=autocast, grad_from=grad_from,
+                          safeguard=safeguard, safeguard_from=safeguard_from)
+
+
+def _pnp_splitting(physics, y, denoiser, step_size, iterations, preconditioner, x0, *, inner_steps, trace, checkpoint,
+                   autocast, grad_from, safeguard, safeguard_from):
+    """:func:`pnp_hqs` with J = ``inner_steps`` (J = 1: :func:`pnp_pgd`)."""
+    _check_arguments(iterations, step_size, safeguard)
+    P = preconditioner or identity_preconditioner
+    uses_iterate = bool(getattr(P, "uses_iterate", False))
+    device_type = y.device.type
+    gamma = float(step_size)
+    guarded = safeguard is not None and preconditioner is not None
+
+    def step(x: torch.Tensor, k: int, active: Optional[torch.Tensor] = None):
+        u = x
+        for j in range(inner_steps):
+            residual = physics.A(u) - y
+            grad = physics.A_adjoint(residual)
+            if j > 0:  # ∇h_k(u); at u_0 = x_k the proximal term is zero
+                grad = grad + (u - x) / (2 * gamma)
+            with _autocast(autocast, device_type):
+                pgrad = P(grad, k, iterate=u) if uses_iterate else P(grad, k)
+                if active is not None:  # images that fell back take the plain gradient
+                    pgrad = torch.where(_per_image(active, grad), pgrad.to(grad.dtype), grad)
+            if j == 0:
+                first = grad, pgrad.float(), 0.5 * residual.flatten(1).pow(2).sum(1)
+            u = u - gamma * pgrad.float()
+        with _autocast(autocast, device_type):
+            x_new = denoiser(u)
+        return (x_new.float(), *first)
+
+    x = gamma * physics.A_adjoint(y) if x0 is None else x0
+    record = Trace() if trace else None
+    grad_enabled = torch.is_grad_enabled()
+    active = torch.ones(len(y), dtype=torch.bool, device=y.device) if guarded else None
+    best = torch.full((len(y),), math.inf, device=y.device)
+    for k in range(iterations):
+        with torch.set_grad_enabled(grad_enabled and k >= grad_from):
+            if checkpoint and torch.is_grad_enabled():
+                x_new, grad, pgrad, f = torch_checkpoint(step, x, k, active, use_reentrant=False)
+            else:
+                x_new, grad, pgrad, f = step(x, k, active)
+        if guarded:
+            r = (x_new - x).detach().flatten(1).norm(dim=1)
+            rejected = active & (r > safeguard * best) if k >= safeguard_from else torch.zeros_like(active)
+            best = torch.where(active & ~rejected, torch.minimum(best, r), best)
+            active = active & ~rejected
+            x_new = torch.where(_per_image(rejected, x), x, x_new)  # a rejected step is not taken
+        if record is not None:
+            record.x.append(x_new)
+            record.z.append(x)
+            record.grad.append(grad)
+            record.preconditioned.append(pgrad)
+            record.fidelity.append(f)
+            if guarded:
+                record.active.append(active.clone())
+        x = x_new
+    return (x, record) if trace else x
+
+
+def check_algorithm(algorithm: str, restart: bool = False) -> str:
+    """``algorithm`` if it is one of :data:`ALGORITHMS` (and has momentum, with ``restart``).
+
+    :raises ValueError: naming the choices, or why ``restart`` does not apply.
+    """
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
+    if restart and algorithm != "fista":
+        raise ValueError(f"restart is the adaptive restart of FISTA's momentum; {algorithm} has no momentum to restart")
+    return algorithm
+
+
+def solve(
+    algorithm: str,
+    physics,
+    y: torch.Tensor,
+    denoiser: Callable[[torch.Tensor], torch.Tensor],
+    step_size: float,
+    iterations: int = 20,
+    preconditioner: Optional[Preconditioner] = None,
+    x0: Optional[torch.Tensor] = None,
+    *,
+    trace: bool = False,
+    checkpoint: bool = False,
+    autocast: bool = False,
+    grad_from: int = 0,
+    safeguard: Optional[float] = None,
+    safeguard_from: int = 3,
+    restart: bool = False,
+):
+    """Run the host ``algorithm`` (one of :data:`ALGORITHMS`): :func:`pnp_fista`, :func:`pnp_pgd` or
+    :func:`pnp_hqs` (with :data:`HQS_INNER_STEPS` inner steps), with the same arguments.
+
+    :raises ValueError: an unknown algorithm, or ``restart`` with an algorithm that has no momentum.
+    """
+    check_algorithm(algorithm, restart)
+    options = dict(trace=trace, checkpoint=checkpoint, autocast=autocast, grad_from=grad_from, safeguard=safeguard,
+                   safeguard_from=safeguard_from)
+    if algorithm == "fista":
+        return pnp_fista(physics, y, denoiser, step_size, iterations, preconditioner, x0, restart=restart, **options)
+    host = pnp_pgd if algorithm == "pgd" else pnp_hqs
+    return host(physics, y, denoiser, step_size, iterations, preconditioner, x0, **options)
 
 
 def _per_image(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

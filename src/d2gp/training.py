@@ -7,7 +7,8 @@ One training update on a batch x:
    so by default (``teacher_cache``) they are computed once per training image, with one
    fixed noise draw per image, before the first update (:class:`TeacherTargets`), instead of
    re-running the teacher's K iterations in every update;
-3. run the student's PnP-FISTA preconditioned by P_θ with autograd through the K iterations
+3. run the student's PnP-FISTA (or the host ``algorithm``: ``pgd``, ``hqs``, :func:`d2gp.solver.solve`;
+   the teacher's targets come from the same algorithm) preconditioned by P_θ with autograd through the K iterations
    (``unroll``: ``full`` backpropagation, ``checkpoint`` — the same gradients with per-iteration
    recomputation, less memory — or ``truncated``: only the last ``truncate`` iterations);
 4. L = λ_g L_g + λ_i L_i + λ_s L_s (:mod:`d2gp.losses`); the imitation and supervised terms
@@ -64,11 +65,11 @@ from d2gp.device import precision, prepare, resolve_device
 from d2gp.evaluation import evaluate_solver, tune_step_size
 from d2gp.losses import TEACHER_GRADIENT_AT, LossWeights, gradient_loss, imitation_loss, supervised_loss
 from d2gp.preconditioners import NPO
-from d2gp.preconditioners.files import NPO_FORMAT, load_npo, save_npo, shipped_npo_path, trained_step_size
+from d2gp.preconditioners.files import NPO_FORMAT, load_npo, save_npo, shipped_npo_path, trained_algorithm, trained_step_size
 from d2gp.preconditioners.learned_linear import LINEAR_PRECONDITIONERS, build_linear, objective_loss
 from d2gp.preconditioners.refined import Refined, build_base
 from d2gp.reports import environment
-from d2gp.solver import pnp_fista
+from d2gp.solver import ALGORITHMS, solve
 from d2gp.tasks import Task, make_task
 from d2gp.tasks.base import measure
 from d2gp.tuning import CLASSICAL_METHODS, tune_classical
@@ -76,7 +77,7 @@ from d2gp.tuning import CLASSICAL_METHODS, tune_classical
 __all__ = ["TrainConfig", "TrainingError", "train", "saved_train_config", "load_npo", "save_npo", "shipped_npo_path",
            "build_preconditioner", "tune_base", "TeacherTargets", "NPO_FORMAT", "METHODS", "PRECONDITIONERS",
            "UNROLL_MODES", "SCHEDULES", "DEFAULT_LR", "check_not_diverged", "DIVERGED_DB", "training_step_size",
-           "trained_step_size", "check_task"]
+           "trained_step_size", "trained_algorithm", "check_task"]
 
 _STATE_FORMAT = "d2gp-npo-training"
 METHODS = ("d2gp", "supervised", "objective")
@@ -165,8 +166,12 @@ class TrainConfig:
     # The student's step γ that the preconditioner is trained (and evaluated) with.
     step_size: float | None = None  # None: the task's student step (1/L unless its settings give one)
     tune_step: bool = False  # tune γ on the validation split before training (tune_step_size), as the baseline is
+    # The host algorithm (d2gp.solver.ALGORITHMS) the student and the teacher run, in training and in every evaluation.
+    algorithm: str = "fista"
 
     def validate(self) -> None:
+        if self.algorithm not in ALGORITHMS:
+            raise TrainingError(f"unknown algorithm {self.algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
         if self.method not in METHODS:
             raise TrainingError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.preconditioner not in PRECONDITIONERS:
@@ -330,12 +335,13 @@ def build_preconditioner(config: TrainConfig, task: Task, base: dict[str, Any] |
 
 def tune_base(config: TrainConfig, task: Task, denoiser, val_images: torch.Tensor) -> dict[str, Any] | None:
     """Tune ``config.base`` (a non-learned method) on the validation images at K, as Table I does
-    (:func:`d2gp.tuning.tune_classical`, plain FISTA): ``{"method", "candidate", "step_size", "gain",
+    (:func:`d2gp.tuning.tune_classical`, in ``config.algorithm``): ``{"method", "candidate", "step_size", "gain",
     "val_psnr"}`` with gain = its γ over the training step (:func:`training_step_size`); ``None`` without
     a base. Deterministic (fixed noise seeds), so a resumed run finds the same base."""
     if config.base is None:
         return None
-    _, gamma, record = tune_classical(config.base, task, val_images, denoiser, config.iterations)
+    _, gamma, record = tune_classical(config.base, task, val_images, denoiser, config.iterations,
+                                      algorithm=config.algorithm)
     return {"method": config.base, "candidate": record["chosen"], "step_size": gamma,
             "gain": gamma / training_step_size(config, task), "val_psnr": record["val_psnr"]}
 
@@ -348,11 +354,12 @@ class TeacherTargets:
 
     The teacher has no parameters, so re-running its K iterations in every update (as the paper's
     Algorithm 2 does) only redraws its noise; this saves a third of an update's time.
-    ``targets[idx]`` gives ``(y_t, x_K^t)`` for the images ``idx``.
+    ``targets[idx]`` gives ``(y_t, x_K^t)`` for the images ``idx``. The teacher runs the host
+    ``algorithm`` (:func:`d2gp.solver.solve`), the student's.
     """
 
     def __init__(self, task: Task, denoiser, images: torch.Tensor, iterations: int, seed: int = 0,
-                 batch_size: int = 64, progress: bool = False):
+                 batch_size: int = 64, progress: bool = False, algorithm: str = "fista"):
         ys, xs = [], []
         base = TEACHER_NOISE_SEED + 100_000 * seed
         with torch.no_grad():
@@ -361,7 +368,7 @@ class TeacherTargets:
                 x = images[start:start + batch_size]
                 y = measure(task.teacher, x, seed=base, offset=start)
                 ys.append(y)
-                xs.append(pnp_fista(task.teacher, y, denoiser, task.teacher_step_size, iterations))
+                xs.append(solve(algorithm, task.teacher, y, denoiser, task.teacher_step_size, iterations))
         self.y, self.x = torch.cat(ys), torch.cat(xs)
 
     def __getitem__(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -385,8 +392,8 @@ def _loss(config: TrainConfig, task: Task, npo, denoiser, x: torch.Tensor, seed:
         else:
             y_t = measure(task.teacher, x, seed=seed)
             with torch.no_grad():
-                teacher_out, trace = pnp_fista(task.teacher, y_t, denoiser, task.teacher_step_size,
-                                               config.iterations, trace=True, autocast=config.autocast)
+                teacher_out, trace = solve(config.algorithm, task.teacher, y_t, denoiser, task.teacher_step_size,
+                                           config.iterations, trace=True, autocast=config.autocast)
             teacher_points, teacher_gradients = trace.z, trace.grad
     if unrolled is None:
         unrolled = functools.partial(unrolled_loss, config, task, npo, denoiser)
@@ -410,7 +417,7 @@ def unrolled_loss(config: TrainConfig, task: Task, npo, denoiser, x: torch.Tenso
     gamma_s = training_step_size(config, task)
     grad_from = K - config.truncate if config.unroll == "truncated" else 0
     run = dict(trace=True, checkpoint=config.unroll == "checkpoint", autocast=config.autocast, grad_from=grad_from)
-    _, student_trace = pnp_fista(task.student, y_s, denoiser, gamma_s, K, npo, **run)
+    _, student_trace = solve(config.algorithm, task.student, y_s, denoiser, gamma_s, K, npo, **run)
     if config.method == "objective":
         loss = objective_loss(task.student, student_trace, y_s)
         return loss, {"objective": loss}
@@ -569,7 +576,8 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = Fal
         update, order = state.get("update", state.get("epoch", 0) * updates_per_epoch), state.get("order")
     cached = config.teacher_cache and config.weights.needs_teacher and config.teacher_gradient == "student" \
         and config.method != "objective"
-    teacher = TeacherTargets(task, denoiser, train_images, config.iterations, config.seed, progress=progress) \
+    teacher = TeacherTargets(task, denoiser, train_images, config.iterations, config.seed, progress=progress,
+                             algorithm=config.algorithm) \
         if cached else None
 
     unrolled = functools.partial(unrolled_loss, config, task, npo, denoiser)
@@ -615,7 +623,7 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = Fal
             checkpoints.pop(0)
             npo.eval()
             run = evaluate_solver("val", task.student, val_images, denoiser, training_step_size(config, task),
-                                  config.iterations, preconditioner=npo, progress=False)
+                                  config.iterations, preconditioner=npo, progress=False, algorithm=config.algorithm)
             npo.train()
             val_psnr = float(run.psnr[config.iterations].mean())
             if config.schedule == "plateau":
@@ -645,7 +653,8 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = Fal
         untrained = base["val_psnr"]
     else:
         untrained = float(evaluate_solver("identity", task.student, val_images, denoiser, training_step_size(config, task),
-                                          config.iterations, progress=False).psnr[config.iterations].mean())
+                                          config.iterations, progress=False,
+                                          algorithm=config.algorithm).psnr[config.iterations].mean())
     check_not_diverged(best, untrained)
     save_npo(npo, run_dir / "last.pt", task, given, {"val_psnr": val_psnr, "update": total,
                                                      "epoch": round(total / updates_per_epoch, 4),
@@ -674,7 +683,8 @@ def _resolve_step(config: TrainConfig, task: Task, val_images: torch.Tensor, den
         if isinstance(recorded, dict) and isinstance(recorded.get("training"), (int, float)) and "tuning" in recorded:
             return dataclasses.replace(config, step_size=float(recorded["training"])), recorded["tuning"]
     with torch.no_grad():
-        gamma, record = tune_step_size(task.student, val_images, denoiser, task.student_step_size, config.iterations)
+        gamma, record = tune_step_size(task.student, val_images, denoiser, task.student_step_size, config.iterations,
+                                       algorithm=config.algorithm)
     return dataclasses.replace(config, step_size=gamma), {"chosen": gamma, "val_psnr_by_step": record}
 
 

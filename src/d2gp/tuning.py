@@ -49,8 +49,8 @@ def classical_base_step(name: str, task: Task) -> float:
     return 1.0 if name == "newton" else task.student_step_size
 
 
-def tune_classical(name: str, task: Task, val: torch.Tensor, denoiser, K: int, restart: bool = False
-                   ) -> tuple[torch.nn.Module | None, float, dict]:
+def tune_classical(name: str, task: Task, val: torch.Tensor, denoiser, K: int, restart: bool = False,
+                   algorithm: str = "fista") -> tuple[torch.nn.Module | None, float, dict]:
     """The candidate preconditioner of method ``name`` and the step γ with the best validation PSNR at K.
 
     Every candidate is run on the grid γ = f·base (f in :data:`STEP_FACTORS`, base from
@@ -58,6 +58,7 @@ def tune_classical(name: str, task: Task, val: torch.Tensor, denoiser, K: int, r
 
     :param val: validation images, (N, C, H, W).
     :param restart: tune with the solver's adaptive momentum restart.
+    :param algorithm: the host algorithm it is tuned in (:func:`~d2gp.solver.solve`).
     :return: the preconditioner (``None`` for the identity), γ, and the record
         ``{"chosen": candidate name, "step_size": γ, "val_psnr": …, "tried": {candidate: {γ: PSNR}}}``.
     """
@@ -66,12 +67,13 @@ def tune_classical(name: str, task: Task, val: torch.Tensor, denoiser, K: int, r
     for candidate, build in classical_candidates(name, task).items():
         P = build()
         gamma, tried = tune_step_size(task.student, val, denoiser, base_step, K, factors=STEP_FACTORS, preconditioner=P,
-                                      refine=0, restart=restart)
+                                      refine=0, restart=restart, algorithm=algorithm)
         record[candidate] = tried
         if best is None or tried[f"{gamma:.6g}"] > best[0]:
             best = (tried[f"{gamma:.6g}"], candidate, P)
     _, candidate, P = best
     gamma, record[candidate] = tune_step_size(task.student, val, denoiser, base_step, K, factors=STEP_FACTORS,
-                                              preconditioner=P, tried=record[candidate], restart=restart)
+                                              preconditioner=P, tried=record[candidate], restart=restart,
+                                              algorithm=algorithm)
     return P, gamma, {"chosen": candidate, "step_size": gamma, "val_psnr": record[candidate][f"{gamma:.6g}"],
                       "tried": record}

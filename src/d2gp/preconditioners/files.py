@@ -15,7 +15,8 @@ the ``base`` entry that rebuilds its classical base from the task (so loading it
 ``step_size`` is the student's step the preconditioner was trained with (``None``: the task's own
 student step, 1/L); :func:`trained_step_size` reads it back, for every evaluation must run the
 preconditioner with it. Files written before ``kind`` existed hold NPOs; files without
-``step_size`` were trained with the task's step. The training loop (:mod:`d2gp.training`) writes
+``step_size`` were trained with the task's step; :func:`trained_algorithm` reads the host algorithm
+(``train_config["algorithm"]``, ``"fista"`` in files before it existed). The training loop (:mod:`d2gp.training`) writes
 them; :func:`load_npo` reads them for evaluation, ``d2gp reconstruct`` and the benchmarks.
 """
 
@@ -32,9 +33,10 @@ from d2gp.device import to_cpu
 from d2gp.preconditioners.learned_linear import build_linear
 from d2gp.preconditioners.npo import NPO
 from d2gp.preconditioners.refined import Refined, build_base
+from d2gp.solver import ALGORITHMS
 from d2gp.tasks.own import same_operators
 
-__all__ = ["NPO_FORMAT", "save_npo", "load_npo", "shipped_npo_path", "rebuild", "trained_step_size"]
+__all__ = ["NPO_FORMAT", "save_npo", "load_npo", "shipped_npo_path", "rebuild", "trained_step_size", "trained_algorithm"]
 
 NPO_FORMAT = "d2gp-npo"
 
@@ -90,6 +92,20 @@ def trained_step_size(meta: dict, task) -> float:
     from :func:`load_npo`), else — files before it was recorded, runs at the task's step — the task's."""
     step = meta.get("step_size")
     return float(step) if step is not None else task.student_step_size
+
+
+def trained_algorithm(meta: dict) -> str:
+    """The host algorithm a loaded preconditioner was trained in (``meta`` from :func:`load_npo`): its
+    ``train_config``'s ``algorithm``, else — files before it was recorded, the shipped NPOs — ``"fista"``.
+
+    :raises CheckpointError: the file records an algorithm this version does not know.
+    """
+    config = meta.get("train_config")
+    algorithm = config.get("algorithm", "fista") if isinstance(config, dict) else "fista"
+    if algorithm not in ALGORITHMS:
+        raise CheckpointError(f"the preconditioner was trained in the algorithm {algorithm!r}, which this version does not "
+                              f"know (it knows {', '.join(ALGORITHMS)})")
+    return algorithm
 
 
 def load_npo(source: str | os.PathLike, task=None, device: str | torch.device | None = None) -> tuple[torch.nn.Module, dict]:
