@@ -33,7 +33,7 @@ import torch
 
 __all__ = [
     "CheckpointError", "LockedError", "atomic_save", "atomic_write_text", "write_json", "read_json", "load_checkpoint",
-    "require_entries", "check_output_path", "lock_path", "locked_run_dir", "describe_differences",
+    "require_entries", "check_output_path", "lock_path", "run_dir_lock", "locked_run_dir", "describe_differences",
     "rng_state", "set_rng_state", "seed_everything", "save_training_state", "restore_training_state",
 ]
 
@@ -227,17 +227,32 @@ def lock_path(lock: str | os.PathLike, what: str) -> Iterator[Path]:
 RUN_LOCK = ".lock"
 
 
+@contextlib.contextmanager
+def run_dir_lock(run_dir: str | os.PathLike) -> Iterator[Path]:
+    """Hold the lock of the run directory ``run_dir`` (created if needed; :func:`lock_path`) in the block.
+
+    :raises CheckpointError: ``run_dir`` cannot be written.
+    :raises LockedError: another live process holds it.
+    """
+    run_dir = check_output_path(run_dir, folder=True, what="run directory")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with lock_path(run_dir / RUN_LOCK, f"run directory {run_dir}") as lock:
+        yield lock
+
+
 def locked_run_dir(function: Callable) -> Callable:
     """Decorate a function with a ``run_dir`` argument so that it runs holding the lock of that
-    directory (created if needed; :func:`lock_path`): two processes never write into one run."""
+    directory (:func:`run_dir_lock`): two runs never write into one directory. In distributed
+    training rank 0 alone takes it (:func:`d2gp.distributed.rank0_context`): the processes of one
+    run share it, and all of them raise the error when rank 0 cannot take it."""
+    from d2gp.distributed import rank0_context
+
     signature = inspect.signature(function)
 
     @functools.wraps(function)
     def wrapper(*args, **kwargs):
-        run_dir = Path(signature.bind(*args, **kwargs).arguments["run_dir"])
-        check_output_path(run_dir, folder=True, what="run directory")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with lock_path(run_dir / RUN_LOCK, f"run directory {run_dir}"):
+        run_dir = signature.bind(*args, **kwargs).arguments["run_dir"]
+        with rank0_context(lambda: run_dir_lock(run_dir)):
             return function(*args, **kwargs)
 
     return wrapper
@@ -276,15 +291,19 @@ def save_training_state(path: str | os.PathLike, format: str, model, optimizer, 
 
 def restore_training_state(path: str | os.PathLike, format: str, model, optimizer, scheduler,
                            generator: torch.Generator, what: str = "training checkpoint",
-                           settings: dict | None = None) -> dict:
+                           settings: dict | None = None, state: dict | None = None) -> dict:
     """Load what :func:`save_training_state` wrote into the given objects; return the whole state dict.
 
+    :param state: the contents of ``path`` when they were loaded already (:func:`load_checkpoint`; in
+        distributed training rank 0 reads the file and sends it to the others): ``path`` then only
+        names the file in error messages.
     :param settings: the settings of the run that resumes; if the state was saved with a
         ``settings`` entry (``save_training_state(..., settings=...)``) they must be equal, else
         nothing is loaded and :class:`CheckpointError` names every difference.
     :raises CheckpointError: a corrupt or foreign file, other settings, or weights that do not fit ``model``.
     """
-    state = load_checkpoint(path, format, what=what)
+    if state is None:
+        state = load_checkpoint(path, format, what=what)
     saved = state.get("settings")
     if settings is not None and isinstance(saved, dict) and saved != settings:
         raise CheckpointError(f"cannot resume from {what} {path}: it was made with other settings: "

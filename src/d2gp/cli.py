@@ -321,16 +321,24 @@ def cmd_reconstruct(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    from d2gp import distributed
     from d2gp.apps import announce_training
+    from d2gp.device import resolve_device
     from d2gp.training import train
 
     config = _train_config_from_args(args)
     config.validate()
     out = check_output_path(args.out or f"runs/{config.task}-{config.method}-seed{config.seed}", folder=True)
-    announce_training(config, out, resuming=args.resume and (out / "checkpoint.pt").exists())
-    summary = train(config, out, resume=args.resume, device=args.device)
-    print(f"best validation PSNR {summary['best_val_psnr']:.2f} dB; wrote {out}/ (best.pt, last.pt, log.csv, config.json)")
-    print(f"evaluate it with: d2gp evaluate {out}")
+    device = resolve_device(args.device)  # under torchrun: this process's GPU, cuda:LOCAL_RANK
+    with distributed.process_group(device):  # torchrun's processes (nothing in a single process)
+        lead = distributed.rank() == 0
+        if lead:
+            announce_training(config, out, resuming=args.resume and (out / "checkpoint.pt").exists())
+        summary = train(config, out, resume=args.resume, device=device, progress=lead)
+    if lead:
+        print(f"best validation PSNR {summary['best_val_psnr']:.2f} dB; wrote {out}/ (best.pt, last.pt, log.csv, "
+              f"config.json)")
+        print(f"evaluate it with: d2gp evaluate {out}")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:

@@ -38,19 +38,30 @@ class DeviceError(ValueError):
 def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
     """``"auto"`` (or ``None``): CUDA when available, else the CPU; ``"cpu"``; ``"cuda"`` / ``"cuda:N"``.
 
-    :raises DeviceError: an unknown name, or CUDA asked for on a machine without it.
+    Under ``torchrun`` with several processes (:mod:`d2gp.distributed`), ``"auto"`` and ``"cuda"``
+    are the process's own GPU, ``cuda:LOCAL_RANK``.
+
+    :raises DeviceError: an unknown name, CUDA asked for on a machine without it, or more processes
+        on a machine than it has GPUs.
     """
+    from d2gp.distributed import local_rank
+
     if isinstance(name, torch.device):
         name = str(name)
     name = "auto" if name is None else str(name)
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cpu":
         return torch.device("cpu")
     if name == "cuda" or name.startswith("cuda:"):
         if not torch.cuda.is_available():
             raise DeviceError(f"--device {name}: PyTorch sees no CUDA GPU on this machine "
                               f"(torch {torch.__version__}); use --device cpu or auto")
+        if name == "cuda" and local_rank() is not None:
+            if local_rank() >= torch.cuda.device_count():
+                raise DeviceError(f"process {local_rank()} of this machine has no GPU of its own: the machine has "
+                                  f"{torch.cuda.device_count()}; start at most that many (torchrun --nproc_per_node)")
+            name = f"cuda:{local_rank()}"
         device = torch.device(name)
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise DeviceError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")

@@ -38,6 +38,23 @@ gives the same weights as an uninterrupted run on the same device. A NaN/Inf los
 training with a :class:`TrainingError`; the last good checkpoint stays intact. So does a run that
 diverged while staying finite (:func:`check_not_diverged`). A run directory is locked while it
 trains (:func:`~d2gp.checkpoints.locked_run_dir`): a second process refuses to write into it.
+
+**Several processes** (``torchrun --nproc_per_node N -m d2gp train …``, one per GPU, or a process
+group of your own, :mod:`d2gp.distributed`): data-parallel training of one global batch of
+``batch_size`` images. Every process draws the same data order and noise seeds from the same
+seeded generator and takes its contiguous share of each update's batch (shares differ by one at
+most; :func:`check_batch_split` refuses a batch that leaves a process without an image); its
+images get the noise they get in one process (``measure(..., offset=start of its share)``). Its
+loss is weighted by its share of the batch and the gradients are summed over the processes (one
+all-reduce, as DistributedDataParallel does, done by hand because the solver calls the
+preconditioner K times per backward pass and the validation runs it on rank 0 alone), so every
+process takes the same optimizer step as one process on the whole batch, up to float rounding.
+Each process computes the teacher's cached targets for all the training images (the same numbers
+as in one process). Rank 0 alone holds the lock and reads and writes the run directory (config,
+checkpoints, best/last, log, summary; it need not be shared between machines) and measures the
+validation PSNR; the others get its decisions (:func:`d2gp.distributed.from_rank0`) and raise its
+errors. The checkpoint holds the one global training state, so a run resumes with any number of
+processes.
 """
 
 from __future__ import annotations
@@ -57,11 +74,13 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from d2gp import distributed
 from d2gp.checkpoints import (
     atomic_write_text, load_checkpoint, locked_run_dir, read_json, require_entries, restore_training_state,
     save_training_state, seed_everything, write_json,
 )
 from d2gp.device import precision, prepare, resolve_device
+from d2gp.distributed import from_rank0
 from d2gp.evaluation import evaluate_solver, tune_step_size
 from d2gp.losses import TEACHER_GRADIENT_AT, LossWeights, gradient_loss, imitation_loss, supervised_loss
 from d2gp.preconditioners import NPO
@@ -77,7 +96,7 @@ from d2gp.tuning import CLASSICAL_METHODS, tune_classical
 __all__ = ["TrainConfig", "TrainingError", "train", "saved_train_config", "load_npo", "save_npo", "shipped_npo_path",
            "build_preconditioner", "tune_base", "TeacherTargets", "NPO_FORMAT", "METHODS", "PRECONDITIONERS",
            "UNROLL_MODES", "SCHEDULES", "DEFAULT_LR", "check_not_diverged", "DIVERGED_DB", "training_step_size",
-           "trained_step_size", "trained_algorithm", "check_task"]
+           "trained_step_size", "trained_algorithm", "check_task", "check_batch_split"]
 
 _STATE_FORMAT = "d2gp-npo-training"
 METHODS = ("d2gp", "supervised", "objective")
@@ -376,21 +395,25 @@ class TeacherTargets:
 
 
 def _loss(config: TrainConfig, task: Task, npo, denoiser, x: torch.Tensor, seed: int,
-          teacher: tuple[torch.Tensor, torch.Tensor] | None = None, unrolled=None) -> tuple[torch.Tensor, dict]:
+          teacher: tuple[torch.Tensor, torch.Tensor] | None = None, unrolled=None,
+          offset: int = 0) -> tuple[torch.Tensor, dict]:
     """The training loss on one batch and its terms (floats, for the log).
 
+    :param seed: the update's noise seed: image i of ``x`` gets the noise of seed ``seed + offset + i``.
     :param teacher: the cached ``(y_t, x_K^t)`` of the batch (:class:`TeacherTargets`); ``None``:
         measure with the teacher (noise seeded by ``seed``) and run it now.
     :param unrolled: :func:`unrolled_loss` with its first four arguments bound, possibly compiled.
+    :param offset: where ``x`` begins in the update's batch (a process's share of it, in distributed
+        training), so that each image gets the noise it gets when the whole batch is in one process.
     """
-    y_s = measure(task.student, x, seed=seed)
+    y_s = measure(task.student, x, seed=seed, offset=offset)
     y_t = teacher_out = None
     teacher_points = teacher_gradients = None
     if config.method != "objective" and config.weights.needs_teacher:
         if teacher is not None and config.teacher_gradient == "student":
             y_t, teacher_out = teacher
         else:
-            y_t = measure(task.teacher, x, seed=seed)
+            y_t = measure(task.teacher, x, seed=seed, offset=offset)
             with torch.no_grad():
                 teacher_out, trace = solve(config.algorithm, task.teacher, y_t, denoiser, task.teacher_step_size,
                                            config.iterations, trace=True, autocast=config.autocast)
@@ -527,15 +550,18 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = Fal
     :param compile: run the unrolled loss through ``torch.compile`` — with CUDA graphs on a GPU
         (``mode="reduce-overhead"``), where an eager step is launch-bound (thousands of small
         kernels per update); the first updates then pay the compilation.
-    :raises TrainingError: bad settings, a run directory of another run, a NaN loss, or a diverged run.
+    :raises TrainingError: bad settings, a run directory of another run, a NaN loss, or a diverged run
+        (in distributed training also a batch too small to give every process an image: :func:`check_batch_split`).
     :raises ~d2gp.checkpoints.LockedError: another process trains into ``run_dir``.
+
+    In a process group (``torchrun``, :mod:`d2gp.distributed`) every process calls it with the same
+    arguments, and all of them return rank 0's summary or raise the same error.
     """
     config.validate()
     if task is not None:
         check_task(config, task)
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _check_run_dir(run_dir, config, resume)
+    run_dir = Path(run_dir)  # created, and locked, by @locked_run_dir
+    from_rank0(lambda: _check_run_dir(run_dir, config, resume))
     task = task or make_task(config.task, device=resolve_device(device), **config.task_settings)
     device = task.device
     precision("training", device)
@@ -546,23 +572,27 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = Fal
     train_images = task.check_images(train_images, "training images").to(device)
     updates_per_epoch = math.ceil(len(train_images) / config.batch_size)
     total = config.updates or config.epochs * updates_per_epoch
+    check_batch_split(len(train_images), config.batch_size, distributed.world_size())
+    progress = progress and distributed.rank() == 0
 
     seed_everything(config.seed)
     denoiser = task.denoiser().requires_grad_(False)
     # ``given`` is recorded as it was asked for; ``config`` carries the step it resolved to (tune_step).
-    given, (config, tuning) = config, _resolve_step(config, task, val_images, denoiser, run_dir, resume)
+    given, (config, tuning) = config, from_rank0(lambda: _resolve_step(config, task, val_images, denoiser, run_dir,
+                                                                       resume))
     if config.base is not None and progress:
         tqdm.write(f"tuning the base preconditioner {config.base!r} on {len(val_images)} validation images")
-    base = tune_base(config, task, denoiser, val_images)
-    write_json({"train": given.to_dict(), "task": task.config.to_dict(), "environment": environment(device),
+    base = from_rank0(lambda: tune_base(config, task, denoiser, val_images))
+    settings = {"train": given.to_dict(), "task": task.config.to_dict(), "environment": environment(device),
                 "data": {"train": len(train_images), "val": len(val_images), "dataset": task.dataset},
                 "updates": {"total": total, "per_epoch": updates_per_epoch},
-                "runtime": {"device": str(device), "compile": bool(compile)},
+                "runtime": {"device": str(device), "compile": bool(compile), "world_size": distributed.world_size(),
+                            "backend": distributed.backend()},
                 "step_size": {"student": task.student_step_size, "teacher": task.teacher_step_size,
                               "training": training_step_size(config, task),
                               **({"tuning": tuning} if tuning is not None else {})},
-                **({"base": base} if base is not None else {})},
-               run_dir / "config.json")
+                **({"base": base} if base is not None else {})}
+    from_rank0(lambda: write_json(settings, run_dir / "config.json"))
     npo = build_preconditioner(config, task, base)
     optimizer = _build_optimizer(config, npo)
     scheduler = _build_scheduler(config, optimizer, total)
@@ -570,8 +600,11 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = Fal
     history: list[dict] = []
     best, update, order = -math.inf, 0, None
     state_path = run_dir / "checkpoint.pt"
-    if resume and state_path.exists():
-        state = restore_training_state(state_path, _STATE_FORMAT, npo, optimizer, scheduler, generator)
+    # Rank 0 reads the checkpoint; every rank restores the same global state, whatever the world size was.
+    state = from_rank0(lambda: load_checkpoint(state_path, _STATE_FORMAT, "training checkpoint")
+                       if resume and state_path.exists() else None)
+    if state is not None:
+        restore_training_state(state_path, _STATE_FORMAT, npo, optimizer, scheduler, generator, state=state)
         history, best = state["history"], state["best"]
         update, order = state.get("update", state.get("epoch", 0) * updates_per_epoch), state.get("order")
     cached = config.teacher_cache and config.weights.needs_teacher and config.teacher_gradient == "student" \
@@ -584,7 +617,13 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = Fal
     graphs = compile and device.type == "cuda"
     if compile:
         unrolled = torch.compile(unrolled, mode="reduce-overhead" if graphs else None, dynamic=False)
-    writer = _tensorboard(run_dir) if config.tensorboard else None
+    writer = None
+    if config.tensorboard:
+        def open_writer() -> None:  # on rank 0 only: it writes the run directory
+            nonlocal writer
+            writer = _tensorboard(run_dir)
+
+        from_rank0(open_writer)
     checkpoints = [p for p in validation_points(config, updates_per_epoch, total) if p > update]
     val_psnr = history[-1]["val_psnr"] if history else float("nan")
     sums: dict[str, float] = {}
@@ -598,34 +637,37 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = Fal
             order = torch.randperm(len(train_images), generator=generator)
         index = order[step * config.batch_size:(step + 1) * config.batch_size]
         seed = int(torch.randint(2**31 - 1, (1,), generator=generator))
+        # In distributed training each process takes its contiguous share of the batch (all of it in one
+        # process); its loss, weighted by its share, sums over the processes to the batch's mean loss.
+        start, stop = distributed.share(len(index))
+        mine, weight = index[start:stop].to(device), (stop - start) / len(index)
         if graphs:
             torch.compiler.cudagraph_mark_step_begin()
-        loss, terms = _loss(config, task, npo, denoiser, train_images[index.to(device)], seed,
-                            teacher[index.to(device)] if teacher is not None else None, unrolled)
-        if not torch.isfinite(loss):
+        loss, terms = _loss(config, task, npo, denoiser, train_images[mine], seed,
+                            teacher[mine] if teacher is not None else None, unrolled, offset=start)
+        value, *means = distributed.sum_values([weight * loss.item(), *(weight * v for v in terms.values())], device)
+        terms = dict(zip(terms, means))
+        if not math.isfinite(value):
             where = (f"the last good checkpoint {state_path} (update {history[-1]['update']}) is intact"
                      if history else "no checkpoint had been written yet")
-            raise TrainingError(f"the loss became {loss.item()} at update {update + 1} (terms {terms}); training "
+            raise TrainingError(f"the loss became {value} at update {update + 1} (terms {terms}); training "
                                 f"stopped, {where} — lower --lr or the λ weights, or set --grad-clip")
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (weight * loss).backward()
+        distributed.sum_gradients(npo.parameters())
         norm = torch.nn.utils.clip_grad_norm_(npo.parameters(), config.grad_clip or math.inf)
         optimizer.step()
         if config.schedule != "plateau":
             scheduler.step()
         update += 1
         count += 1
-        for name, value in {"loss": loss.item(), **terms, "grad_norm": float(norm)}.items():
-            sums[name] = sums.get(name, 0.0) + value
+        for name, number in {"loss": value, **terms, "grad_norm": float(norm)}.items():
+            sums[name] = sums.get(name, 0.0) + number
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3g}", val_psnr=f"{val_psnr:.2f}" if history else "–")
+        bar.set_postfix(loss=f"{value:.3g}", val_psnr=f"{val_psnr:.2f}" if history else "–")
         if checkpoints and update == checkpoints[0]:
             checkpoints.pop(0)
-            npo.eval()
-            run = evaluate_solver("val", task.student, val_images, denoiser, training_step_size(config, task),
-                                  config.iterations, preconditioner=npo, progress=False, algorithm=config.algorithm)
-            npo.train()
-            val_psnr = float(run.psnr[config.iterations].mean())
+            val_psnr = from_rank0(lambda: _val_psnr("val", config, task, denoiser, val_images, npo))
             if config.schedule == "plateau":
                 scheduler.step(val_psnr)
             seconds = time.perf_counter() - window_began
@@ -633,39 +675,83 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = Fal
                    **{name: value / count for name, value in sums.items()}, "val_psnr": val_psnr,
                    "lr": optimizer.param_groups[0]["lr"], "seconds": seconds}
             history.append(row)
-            if val_psnr > best:
-                best = val_psnr
-                save_npo(npo, run_dir / "best.pt", task, given, {"val_psnr": val_psnr, "update": update,
-                                                                 "epoch": row["epoch"], "step_size": config.step_size})
-            if progress:
-                bar.write(f"{config.method} {task.name} update {update}/{total}: loss {row['loss']:.4g}, "
-                          f"val PSNR {val_psnr:.2f} dB (best {best:.2f}), {seconds:.0f} s")
-            if writer is not None:
-                for name, value in row.items():
-                    writer.add_scalar(name, value, update)
-            save_training_state(state_path, _STATE_FORMAT, npo, optimizer, scheduler, generator,
-                                history=history, best=best, update=update, order=order)
-            _write_log(history, run_dir / "log.csv")
+            improved, best = val_psnr > best, max(best, val_psnr)
+
+            def record() -> None:  # rank 0 writes the run directory
+                if improved:
+                    meta = {"val_psnr": val_psnr, "update": update, "epoch": row["epoch"], "step_size": config.step_size}
+                    save_npo(npo, run_dir / "best.pt", task, given, meta)
+                if progress:
+                    bar.write(f"{config.method} {task.name} update {update}/{total}: loss {row['loss']:.4g}, "
+                              f"val PSNR {val_psnr:.2f} dB (best {best:.2f}), {seconds:.0f} s")
+                if writer is not None:
+                    for name, number in row.items():
+                        writer.add_scalar(name, number, update)
+                save_training_state(state_path, _STATE_FORMAT, npo, optimizer, scheduler, generator,
+                                    history=history, best=best, update=update, order=order)
+                _write_log(history, run_dir / "log.csv")
+
+            from_rank0(record)
             sums, count, window_began = {}, 0, time.perf_counter()
     bar.close()
     npo.eval()
     if base is not None:  # the untrained preconditioner is the tuned base
         untrained = base["val_psnr"]
     else:
-        untrained = float(evaluate_solver("identity", task.student, val_images, denoiser, training_step_size(config, task),
-                                          config.iterations, progress=False,
-                                          algorithm=config.algorithm).psnr[config.iterations].mean())
+        untrained = from_rank0(lambda: _val_psnr("identity", config, task, denoiser, val_images))
     check_not_diverged(best, untrained)
-    save_npo(npo, run_dir / "last.pt", task, given, {"val_psnr": val_psnr, "update": total,
-                                                     "epoch": round(total / updates_per_epoch, 4),
-                                                     "step_size": config.step_size})
-    training_seconds = sum(r["seconds"] for r in history)
-    summary = {"best_val_psnr": best, "final_val_psnr": val_psnr, "updates": total,
-               "epochs": round(total / updates_per_epoch, 4), "training_seconds": training_seconds,
-               "seconds_per_update": training_seconds / max(1, total), "seconds_this_session": time.perf_counter() - began,
-               "step_size": training_step_size(config, task), "run_dir": str(run_dir)}
-    write_json(summary, run_dir / "summary.json")
-    return summary
+
+    def finish() -> dict:  # rank 0 writes the run directory; every process returns its summary
+        save_npo(npo, run_dir / "last.pt", task, given, {"val_psnr": val_psnr, "update": total,
+                                                         "epoch": round(total / updates_per_epoch, 4),
+                                                         "step_size": config.step_size})
+        training_seconds = sum(r["seconds"] for r in history)
+        summary = {"best_val_psnr": best, "final_val_psnr": val_psnr, "updates": total,
+                   "epochs": round(total / updates_per_epoch, 4), "training_seconds": training_seconds,
+                   "seconds_per_update": training_seconds / max(1, total),
+                   "seconds_this_session": time.perf_counter() - began,
+                   "step_size": training_step_size(config, task), "run_dir": str(run_dir)}
+        write_json(summary, run_dir / "summary.json")
+        return summary
+
+    return from_rank0(finish)
+
+
+def _val_psnr(label: str, config: TrainConfig, task: Task, denoiser, val_images: torch.Tensor,
+              preconditioner: torch.nn.Module | None = None) -> float:
+    """The student's mean validation PSNR at K with ``preconditioner`` (``None``: the identity) at the
+    training step; the preconditioner is back in training mode afterwards."""
+    if preconditioner is not None:
+        preconditioner.eval()
+    try:
+        run = evaluate_solver(label, task.student, val_images, denoiser, training_step_size(config, task),
+                              config.iterations, preconditioner=preconditioner, progress=False,
+                              algorithm=config.algorithm)
+    finally:
+        if preconditioner is not None:
+            preconditioner.train()
+    return float(run.psnr[config.iterations].mean())
+
+
+def check_batch_split(images: int, batch_size: int, processes: int) -> None:
+    """Refuse distributed training whose batches cannot give every process at least one image.
+
+    Each update's batch is split into contiguous shares, one per process (:func:`d2gp.distributed.share`);
+    shares may differ by one image (the loss is weighted by them), but none may be empty.
+
+    :param images: the training images (an epoch's last batch holds ``images % batch_size`` of them).
+    :param batch_size: the images of one update, over all processes.
+    :param processes: the world size.
+    :raises TrainingError: naming the batch that is too small.
+    """
+    if batch_size < processes:
+        raise TrainingError(f"batch_size {batch_size} cannot be split over {processes} processes: each computes "
+                            f"part of every batch; use a batch of at least {processes} images (or fewer processes)")
+    last = images % batch_size
+    if 0 < last < processes:
+        raise TrainingError(f"the last batch of each epoch holds {last} images ({images} training images in batches "
+                            f"of {batch_size}), too few for {processes} processes (each needs at least one); "
+                            f"change train_images or batch_size so that it holds none or at least {processes}")
 
 
 def _resolve_step(config: TrainConfig, task: Task, val_images: torch.Tensor, denoiser, run_dir: Path,
