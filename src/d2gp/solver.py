@@ -123,6 +123,49 @@ def _autocast(enabled: bool, device_type: str):
     return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
 
 
+def _data_step(physics, y: torch.Tensor, denoiser, preconditioner, gamma: float, inner_steps: int, autocast: bool):
+    """One iteration of every host from its point z, as a function ``step(z, k, active=None)``.
+
+    J = ``inner_steps`` preconditioned gradient steps u_{j+1} = u_j − γ P(∇h(u_j), k) from u_0 = z on
+    h(u) = f(u) + ‖u − z‖²/(4γ) (J = 1: the plain step z − γ P(∇f(z), k) of FISTA and PGD), then the
+    denoiser: returns ``(D(u_J), ∇f(z), P(∇f(z), k), f(z))``, the last three from the first inner step.
+    Images whose ``active`` entry is False (the safeguard's fallback) take the plain gradient.
+    """
+    P = preconditioner or identity_preconditioner
+    uses_iterate = bool(getattr(P, "uses_iterate", False))
+    device_type = y.device.type
+
+    def step(z: torch.Tensor, k: int, active: Optional[torch.Tensor] = None):
+        u = z
+        for j in range(inner_steps):
+            residual = physics.A(u) - y
+            grad = physics.A_adjoint(residual)
+            if j > 0:  # ∇h(u); at u_0 = z the proximal term is zero
+                grad = grad + (u - z) / (2 * gamma)
+            with _autocast(autocast, device_type):
+                pgrad = P(grad, k, iterate=u) if uses_iterate else P(grad, k)
+                if active is not None:  # images that fell back take the plain gradient
+                    pgrad = torch.where(_per_image(active, grad), pgrad.to(grad.dtype), grad)
+            if j == 0:
+                first = grad, pgrad.float(), 0.5 * residual.flatten(1).pow(2).sum(1)
+            u = u - gamma * pgrad.float()
+        with _autocast(autocast, device_type):
+            x_new = denoiser(u)
+        return (x_new.float(), *first)
+
+    return step
+
+
+def _safeguard(x: torch.Tensor, x_new: torch.Tensor, r: torch.Tensor, active: torch.Tensor, best: torch.Tensor,
+               k: int, rho: float, start: int):
+    """The safeguard's per-image decision after iteration k (step residuals ``r`` = ‖x_new − x‖): from
+    iteration ``start`` on, an active image whose residual exceeds ρ × its best so far is rejected
+    (it keeps x and falls back to the plain algorithm). Returns ``(x_new, active, best, rejected)``."""
+    rejected = active & (r > rho * best) if k >= start else torch.zeros_like(active)
+    best = torch.where(active & ~rejected, torch.minimum(best, r), best)
+    return torch.where(_per_image(rejected, x), x, x_new), active & ~rejected, best, rejected
+
+
 def pnp_fista(
     physics,
     y: torch.Tensor,
@@ -191,23 +234,10 @@ def pnp_fista(
     torch.Size([2, 1, 32, 32])
     """
     _check_arguments(iterations, step_size, safeguard)
-    P = preconditioner or identity_preconditioner
-    uses_iterate = bool(getattr(P, "uses_iterate", False))
-    device_type = y.device.type
     gamma = float(step_size)
     guarded = safeguard is not None and preconditioner is not None
     per_image = guarded or restart
-
-    def step(z: torch.Tensor, k: int, active: Optional[torch.Tensor] = None):
-        residual = physics.A(z) - y
-        grad = physics.A_adjoint(residual)
-        with _autocast(autocast, device_type):
-            pgrad = P(grad, k, iterate=z) if uses_iterate else P(grad, k)
-            if active is not None:  # images that fell back take the plain gradient
-                pgrad = torch.where(_per_image(active, grad), pgrad.to(grad.dtype), grad)
-            x_new = denoiser(z - gamma * pgrad.float())
-        f = 0.5 * residual.flatten(1).pow(2).sum(1)
-        return x_new.float(), grad, pgrad.float(), f
+    step = _data_step(physics, y, denoiser, preconditioner, gamma, 1, autocast)
 
     x = gamma * physics.A_adjoint(y) if x0 is None else x0
     z, t = x, 1.0
@@ -231,11 +261,8 @@ def pnp_fista(
             r = (x_new - x).detach().flatten(1).norm(dim=1)
             reset = torch.zeros_like(r, dtype=torch.bool)
             if guarded:
-                rejected = active & (r > safeguard * best) if k >= safeguard_from else torch.zeros_like(active)
-                best = torch.where(active & ~rejected, torch.minimum(best, r), best)
-                active = active & ~rejected
-                x_new = torch.where(_per_image(rejected, x), x, x_new)  # a rejected step is not taken…
-                reset = rejected  # …and FISTA restarts from x_k
+                x_new, active, best, rejected = _safeguard(x, x_new, r, active, best, k, safeguard, safeguard_from)
+                reset = rejected  # a rejected step is not taken, and FISTA restarts from x_k
                 r = torch.where(rejected, torch.zeros_like(r), r)
             if restart:
                 reset = reset | (r > last)
@@ -382,35 +409,17 @@ def _pnp_splitting(physics, y, denoiser, step_size, iterations, preconditioner, 
                    autocast, grad_from, safeguard, safeguard_from):
     """:func:`pnp_hqs` with J = ``inner_steps`` (J = 1: :func:`pnp_pgd`)."""
     _check_arguments(iterations, step_size, safeguard)
-    P = preconditioner or identity_preconditioner
-    uses_iterate = bool(getattr(P, "uses_iterate", False))
-    device_type = y.device.type
     gamma = float(step_size)
     guarded = safeguard is not None and preconditioner is not None
-
-    def step(x: torch.Tensor, k: int, active: Optional[torch.Tensor] = None):
-        u = x
-        for j in range(inner_steps):
-            residual = physics.A(u) - y
-            grad = physics.A_adjoint(residual)
-            if j > 0:  # ∇h_k(u); at u_0 = x_k the proximal term is zero
-                grad = grad + (u - x) / (2 * gamma)
-            with _autocast(autocast, device_type):
-                pgrad = P(grad, k, iterate=u) if uses_iterate else P(grad, k)
-                if active is not None:  # images that fell back take the plain gradient
-                    pgrad = torch.where(_per_image(active, grad), pgrad.to(grad.dtype), grad)
-            if j == 0:
-                first = grad, pgrad.float(), 0.5 * residual.flatten(1).pow(2).sum(1)
-            u = u - gamma * pgrad.float()
-        with _autocast(autocast, device_type):
-            x_new = denoiser(u)
-        return (x_new.float(), *first)
+    step = _data_step(physics, y, denoiser, preconditioner, gamma, inner_steps, autocast)
 
     x = gamma * physics.A_adjoint(y) if x0 is None else x0
     record = Trace() if trace else None
     grad_enabled = torch.is_grad_enabled()
-    active = torch.ones(len(y), dtype=torch.bool, device=y.device) if guarded else None
-    best = torch.full((len(y),), math.inf, device=y.device)
+    active = best = None
+    if guarded:
+        active = torch.ones(len(y), dtype=torch.bool, device=y.device)
+        best = torch.full((len(y),), math.inf, device=y.device)
     for k in range(iterations):
         with torch.set_grad_enabled(grad_enabled and k >= grad_from):
             if checkpoint and torch.is_grad_enabled():
@@ -419,10 +428,7 @@ def _pnp_splitting(physics, y, denoiser, step_size, iterations, preconditioner, 
                 x_new, grad, pgrad, f = step(x, k, active)
         if guarded:
             r = (x_new - x).detach().flatten(1).norm(dim=1)
-            rejected = active & (r > safeguard * best) if k >= safeguard_from else torch.zeros_like(active)
-            best = torch.where(active & ~rejected, torch.minimum(best, r), best)
-            active = active & ~rejected
-            x_new = torch.where(_per_image(rejected, x), x, x_new)  # a rejected step is not taken
+            x_new, active, best, _ = _safeguard(x, x_new, r, active, best, k, safeguard, safeguard_from)
         if record is not None:
             record.x.append(x_new)
             record.z.append(x)
