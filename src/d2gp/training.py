@@ -582,7 +582,7 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = Fal
                                                                        resume))
     if config.base is not None and progress:
         tqdm.write(f"tuning the base preconditioner {config.base!r} on {len(val_images)} validation images")
-    base = from_rank0(lambda: tune_base(config, task, denoiser, val_images))
+    base = from_rank0(lambda: _resolve_base(config, task, val_images, denoiser, run_dir, resume))
     settings = {"train": given.to_dict(), "task": task.config.to_dict(), "environment": environment(device),
                 "data": {"train": len(train_images), "val": len(val_images), "dataset": task.dataset},
                 "updates": {"total": total, "per_epoch": updates_per_epoch},
@@ -754,6 +754,24 @@ def check_batch_split(images: int, batch_size: int, processes: int) -> None:
                             f"change train_images or batch_size so that it holds none or at least {processes}")
 
 
+def _recorded(run_dir: Path, resume: bool, key: str):
+    """Entry ``key`` of the ``config.json`` of a run being resumed (``None`` otherwise): what its first
+    session tuned (the step, the base) is read back instead of tuned again."""
+    if not (resume and (run_dir / "checkpoint.pt").exists()):
+        return None
+    return read_json(run_dir / "config.json", "run configuration").get(key)
+
+
+def _resolve_base(config: TrainConfig, task: Task, val_images: torch.Tensor, denoiser, run_dir: Path,
+                  resume: bool) -> dict[str, Any] | None:
+    """:func:`tune_base`, or the base a resumed run recorded (the same: tuning is deterministic)."""
+    recorded = _recorded(run_dir, resume, "base")
+    if config.base is not None and isinstance(recorded, dict) and recorded.get("method") == config.base \
+            and {"candidate", "step_size", "gain", "val_psnr"} <= set(recorded):
+        return recorded
+    return tune_base(config, task, denoiser, val_images)
+
+
 def _resolve_step(config: TrainConfig, task: Task, val_images: torch.Tensor, denoiser, run_dir: Path,
                   resume: bool) -> tuple[TrainConfig, dict | None]:
     """``config`` with the step it trains with, and the tuning record (``None`` unless ``tune_step``).
@@ -764,10 +782,9 @@ def _resolve_step(config: TrainConfig, task: Task, val_images: torch.Tensor, den
     """
     if not config.tune_step:
         return config, None
-    if resume and (run_dir / "checkpoint.pt").exists():
-        recorded = read_json(run_dir / "config.json", "run configuration").get("step_size", {})
-        if isinstance(recorded, dict) and isinstance(recorded.get("training"), (int, float)) and "tuning" in recorded:
-            return dataclasses.replace(config, step_size=float(recorded["training"])), recorded["tuning"]
+    recorded = _recorded(run_dir, resume, "step_size")
+    if isinstance(recorded, dict) and isinstance(recorded.get("training"), (int, float)) and "tuning" in recorded:
+        return dataclasses.replace(config, step_size=float(recorded["training"])), recorded["tuning"]
     with torch.no_grad():
         gamma, record = tune_step_size(task.student, val_images, denoiser, task.student_step_size, config.iterations,
                                        algorithm=config.algorithm)
