@@ -19,9 +19,8 @@ record) and ``helps.md`` per task folder and for all tasks in ``--out``.
     python benchmarks/host_algorithms.py --tasks spc mri --out benchmarks/results/host_algorithms
 
 Cost: the tuning (about 100 runs of K iterations on the validation images per host, whatever
-``--limit``) took 2.5 min per host on SPC with ``--limit 4`` (8.5 min in all, 1 thread of a busy
-2-core AMD EPYC); the whole table is estimated from it at about 45 min for SPC (200 test images) and
-75 min for MRI (60 images, 4× the pixels) on one thread — an estimate, not a measurement. PnP-HQS
+``--limit``) dominates. ``--tasks spc mri --limit 100 --threads 1`` took 71 min on one thread of a
+2-core AMD EPYC shared with other runs (``benchmarks/results/host_algorithms/time.txt``). PnP-HQS
 costs up to 3× per iteration (its inner steps apply the preconditioner and the operator 3 times).
 """
 

@@ -226,8 +226,9 @@ def evaluate_runs(run_dirs: Sequence[str | os.PathLike], *, split: str = "test",
         label = METHOD_LABELS.get(meta["method"], meta["method"])
         if per_method.count(meta["method"]) > 1:  # several runs of one method: name them
             label = f"{label} ({run_dir.name})"
-        if trained_algorithm(meta) != algorithm:
-            label = f"{label}, trained in {trained_algorithm(meta)}"
+        own_host = trained_algorithm(meta)
+        if own_host != algorithm:
+            label = f"{label}, trained in {own_host}"
         step = trained_step_size(meta, task)
         methods.append((label, task.student, step, npo, None))
         if safeguard is not None:

@@ -5,7 +5,7 @@ non-learned methods are tuned in it, the learned ones trained in it, the teacher
 
 ``benchmark(tasks, methods)`` tunes the non-learned methods on the validation split, trains
 the learned ones (each a resumable run directory, reused when finished), evaluates everything
-on the test split to 2K iterations and writes, per task and for all tasks together,
+on the test split to 5K iterations (the tuned baseline to ``converge``) and writes, per task and for all tasks together,
 ``table.md``, ``table.csv``, ``results.json``, example reconstructions and PSNR-vs-iteration
 curves.
 
