@@ -183,3 +183,105 @@ def test_channels_last_weights_and_max_iteration():
         torch.testing.assert_close(clamped(g, torch.tensor([3, 30])), torch.cat([P(g[:1], 3), P(g[1:], 7)]))
     with pytest.raises(ValueError, match="max_iteration"):
         NPO(max_iteration=-1)
+
+
+# --- the global paths (issue 11): U-Net trunk, global pooling, Fourier multiplier --------------------
+GLOBAL_PATHS = [{"levels": 3}, {"global_path": True}, {"spectral_size": 16},
+                {"levels": 2, "global_path": True, "spectral_size": 16}]
+
+
+def _trained_like(seed=0, **kwargs):
+    """An NPO with every parameter moved off its initial value (as after some training)."""
+    torch.manual_seed(seed)
+    P = NPO(**kwargs)
+    with torch.no_grad():
+        for p in P.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return P
+
+
+@pytest.mark.parametrize("settings", GLOBAL_PATHS)
+def test_global_paths_start_as_identity_and_keep_the_properties(settings):
+    P = NPO(**settings)
+    g = torch.randn(2, 1, 16, 16) * 37.0
+    assert torch.equal(P(g, 0), g) and torch.equal(P(g, torch.tensor([3, 40])), g)
+    P = _trained_like(**settings)
+    with torch.no_grad():
+        out = P(g, 5)
+        assert not torch.allclose(out, g)
+        torch.testing.assert_close(P(1e3 * g, 5), 1e3 * out, rtol=1e-4, atol=1e-3 * float(out.abs().max()))
+        for size in [(16, 16), (21, 10), (7, 9)]:  # any size, odd ones included (pooling rounds up)
+            assert P(torch.randn(1, 1, *size), 2).shape == (1, 1, *size)
+    P(g, 3).pow(2).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().max() > 0 for p in P.parameters())
+    clone = NPO(**P.config)
+    clone.load_state_dict(P.state_dict())
+    assert torch.equal(clone(g, 5), P(g, 5).detach())
+
+
+def test_plain_npo_config_unchanged_by_the_global_paths():
+    # weights files of the default NPO keep their config (no new keys), and old files load
+    assert set(NPO().config) == {"channels", "width", "blocks", "kernel_size", "expansion", "activation",
+                                 "time_features", "time_hidden", "use_iterate", "channels_last", "max_iteration"}
+    assert NPO(levels=3).num_parameters() == NPO().num_parameters()
+    assert NPO(global_path=True).num_parameters() == NPO().num_parameters() + 32 + 1
+    assert NPO(spectral_size=8, spectral_iterations=4).num_parameters() == NPO().num_parameters() + 4 * 8 * 5
+
+
+def test_global_pooling_path_adds_a_per_image_constant():
+    P = NPO(global_path=True)
+    with torch.no_grad():
+        P.pooled.bias.fill_(0.5)  # the head stays zero: only the pooled path acts
+    g = torch.randn(2, 1, 8, 8)
+    diff = P(g, 0) - g
+    s = NPO.scale(g)
+    torch.testing.assert_close(diff, (0.5 * s).expand_as(g))
+
+
+def test_fourier_multiplier_is_the_written_operator():
+    """P(g, k) = g + F⁻¹(M_k ⊙ F g) with M_k = exp(rate·θ_k) − 1: a known multiplier on the rfft grid,
+    per iteration (k past K_s − 1 uses the last), exact at the grid's size."""
+    from d2gp.preconditioners.npo import SPECTRAL_RATE
+
+    P = NPO(spectral_size=8, spectral_iterations=3)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        P.multiplier.copy_(torch.randn_like(P.multiplier) * 0.05)
+    g = torch.randn(2, 1, 8, 8, dtype=torch.float64)
+    for k, index in ((0, 0), (2, 2), (9, 2)):
+        gain = torch.exp(SPECTRAL_RATE * P.multiplier[index].double())
+        expected = torch.fft.irfft2(torch.fft.rfft2(g, norm="ortho") * gain, s=(8, 8), norm="ortho")
+        torch.testing.assert_close(P(g, k).detach(), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(P.spectral_gain(k, 8, 8).detach().double()[0], gain, rtol=1e-6, atol=1e-6)
+    # a constant gain c everywhere is c·g at any size (the resampled grid stays constant)
+    with torch.no_grad():
+        P.multiplier.fill_(torch.log(torch.tensor(3.0)).item() / SPECTRAL_RATE)
+    for size in [(8, 8), (12, 20)]:
+        g = torch.randn(1, 1, *size)
+        torch.testing.assert_close(P(g, 1).detach(), 3 * g, rtol=1e-4, atol=1e-5)
+
+
+def test_fourier_multiplier_can_hold_newton_on_mri():
+    """At the image's size, the multiplier represents Newton's (AᵀA + δI)⁻¹ of a Cartesian MRI exactly."""
+    from d2gp.preconditioners.classical import Newton
+    from d2gp.preconditioners.npo import SPECTRAL_RATE
+
+    task = make_task("mri", image_size=16)
+    newton = Newton(task.student, 0.1, task.image_shape)
+    g = torch.randn(3, 1, 16, 16)
+    e = torch.zeros(1, 1, 16, 16)
+    e[..., 0, 0] = 1  # Newton is a circular convolution: its kernel's rfft is the multiplier
+    gain = torch.fft.rfft2(newton(e, 0), norm="backward").real
+    assert gain.min() > 0
+    P = NPO(spectral_size=16, spectral_iterations=1)
+    with torch.no_grad():
+        P.multiplier.copy_(torch.log(gain) / SPECTRAL_RATE)
+        torch.testing.assert_close(P(g, 0), newton(g, 0), rtol=1e-4, atol=1e-4 * float(newton(g, 0).abs().max()))
+
+
+def test_global_path_settings_are_checked():
+    for bad in ({"levels": 0}, {"spectral_size": 1}, {"spectral_size": 8.0}, {"spectral_iterations": 0}):
+        with pytest.raises(ValueError):
+            NPO(**bad)
+        with pytest.raises(ValueError):
+            NPO.check_config(bad)

@@ -184,6 +184,9 @@ _NPO_FLAGS = {
     "expansion": (int, "NPO MLP expansion factor"),
     "activation": (str, "NPO activation: relu or gelu"),
     "use_iterate": (bool, "feed the iterate z_k to the NPO too: P(g, z, k)"),
+    "levels": (int, "resolution levels of a U-Net-shaped NPO trunk (1: none)"),
+    "global_path": (bool, "add the NPO's global-pooling path"),
+    "spectral_size": (int, "add a learned per-iteration Fourier multiplier on a grid of this side (the image's)"),
 }
 
 

@@ -32,6 +32,20 @@ scale. Properties:
 * ``use_iterate=True`` also feeds the iterate z_k (unnormalised, ~[0, 1]) as extra channels;
   the solver then calls ``P(g, k, iterate=z_k)`` (it reads :attr:`NPO.uses_iterate`).
 
+Global paths (issue 11: the default trunk sees about 15 pixels, while the ill-conditioning of a
+{0,1} single-pixel camera lives in the image mean and Newton on MRI is a Fourier multiplier), each
+zero at initialisation, so the NPO still starts as the identity:
+
+* ``levels = L > 1``: a U-Net-shaped trunk — block b runs at resolution 2^{-ℓ_b} with
+  ℓ_b = min(b, B−1−b, L−1) (average pooling down, nearest upsampling plus the skip up);
+* ``global_path=True``: the spatial mean of the trunk's last features, through a linear layer,
+  added to the head as a per-image constant (a global-pooling path);
+* ``spectral_size = G``: a learned real Fourier multiplier per iteration,
+  :math:`+\,\mathcal F^{-1}(M_{\min(k, K_s-1)} ⊙ \mathcal F g)` on the rfft grid, with
+  :math:`M = \exp(\text{SPECTRAL\_RATE}\,θ) - 1` (a positive gain 1 + M per frequency), θ stored on a G×(G/2+1)
+  grid of frequencies (exact at image side G, bilinearly resampled at other sizes); K_s =
+  ``spectral_iterations``. This path is linear in g, so homogeneity holds.
+
 References:
     Liu et al., "A ConvNet for the 2020s" (ConvNeXt), CVPR 2022.
     Delbracio & Milanfar, "Inversion by Direct Iteration (InDI)", TMLR 2023.
@@ -54,14 +68,21 @@ __all__ = ["NPO", "ConvNeXtBlock"]
 #: default NPO has 42 k; 2·10⁸ float32 parameters are 800 MB, as for the full linear preconditioner).
 MAX_PARAMETERS = 200_000_000
 
+#: The spectral path's gain is exp(SPECTRAL_RATE · θ) per frequency (θ = 0 at initialisation): Adam moves
+#: θ by about lr per update, so at lr 1e-3 a gain moves by about 2.5 % per update — the factors of
+#: 10–1000 between a problem's eigenvalues are reachable in a few hundred updates, not 10⁵.
+SPECTRAL_RATE = 25.0
+
 #: Initial value of the per-channel layer scale γ of each block.
 LAYER_SCALE_INIT = 1e-2
 
 
-def _check_arguments(channels, width, blocks, kernel_size, expansion, activation, max_iteration) -> None:
+def _check_arguments(channels, width, blocks, kernel_size, expansion, activation, max_iteration,
+                     levels=1, spectral_size=None, spectral_iterations=20) -> None:
     """The checks of :class:`NPO`'s constructor arguments (``ValueError`` naming the first bad one)."""
     for name, value in (("channels", channels), ("width", width), ("blocks", blocks),
-                        ("kernel_size", kernel_size), ("expansion", expansion)):
+                        ("kernel_size", kernel_size), ("expansion", expansion), ("levels", levels),
+                        ("spectral_iterations", spectral_iterations)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an int ≥ 1, got {value!r}")
     if kernel_size % 2 == 0:
@@ -71,7 +92,13 @@ def _check_arguments(channels, width, blocks, kernel_size, expansion, activation
         raise ValueError(f"max_iteration must be None or an int ≥ 0, got {max_iteration!r}")
     if activation not in ("relu", "gelu"):
         raise ValueError(f"activation must be 'relu' or 'gelu', got {activation!r}")
+    if spectral_size is not None and (isinstance(spectral_size, bool) or not isinstance(spectral_size, int)
+                                      or spectral_size < 2):
+        raise ValueError(f"spectral_size must be None or an int ≥ 2 (the side of the multiplier's grid), "
+                         f"got {spectral_size!r}")
     estimate = blocks * width * (kernel_size**2 + 2 * expansion * width)  # the blocks' weights, roughly
+    if spectral_size is not None:
+        estimate += spectral_iterations * spectral_size * (spectral_size // 2 + 1) * channels
     if estimate > MAX_PARAMETERS:
         raise ValueError(f"an NPO of width {width}, {blocks} blocks, kernel {kernel_size} and expansion {expansion} "
                          f"would have about {estimate:.2g} parameters, above {MAX_PARAMETERS:.0e}")
@@ -143,6 +170,10 @@ class NPO(nn.Module):
     :param max_iteration: if set, iterations past it use its encoding, ``P(g, k) = P(g, min(k,
         max_iteration))``: past the range it was trained on, the NPO repeats its last trained
         operator instead of extrapolating the sinusoids (set by training to the last trained k).
+    :param levels: resolution levels of a U-Net-shaped trunk (1: all blocks at full resolution).
+    :param global_path: add the global-pooling path (mean of the last features → linear → constant).
+    :param spectral_size: side G of the grid of a learned per-iteration Fourier multiplier (None: none).
+    :param spectral_iterations: number K_s of multipliers (iterations past K_s − 1 use the last one).
 
     ``forward(grad, k, iterate=None)``: ``grad`` is (B, C, H, W), ``k`` an int or a 1-D integer
     tensor of B per-image indices; returns a tensor of ``grad``'s shape and dtype.
@@ -158,13 +189,21 @@ class NPO(nn.Module):
     def __init__(self, channels: int = 1, width: int = 32, blocks: int = 5, kernel_size: int = 3,
                  expansion: int = 2, activation: str = "relu", time_features: int = 128,
                  time_hidden: int = 64, use_iterate: bool = False, channels_last: bool = True,
-                 max_iteration: int | None = None):
+                 max_iteration: int | None = None, levels: int = 1, global_path: bool = False,
+                 spectral_size: int | None = None, spectral_iterations: int = 20):
         super().__init__()
-        _check_arguments(channels, width, blocks, kernel_size, expansion, activation, max_iteration)
+        _check_arguments(channels, width, blocks, kernel_size, expansion, activation, max_iteration,
+                         levels, spectral_size, spectral_iterations)
         self._config = dict(channels=channels, width=width, blocks=blocks, kernel_size=kernel_size,
                             expansion=expansion, activation=activation, time_features=time_features,
                             time_hidden=time_hidden, use_iterate=bool(use_iterate), channels_last=bool(channels_last),
                             max_iteration=max_iteration)
+        # The global paths enter the config only when used: files of the plain NPO stay as they were.
+        for name, value, default in (("levels", levels, 1), ("global_path", bool(global_path), False),
+                                     ("spectral_size", spectral_size, None),
+                                     ("spectral_iterations", spectral_iterations, 20)):
+            if value != default:
+                self._config[name] = value
         self.channels = channels
         self.width = width
         self.num_blocks = blocks
@@ -180,6 +219,16 @@ class NPO(nn.Module):
         self.head = nn.Conv2d(width, channels, 3, padding=1)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
+        self.levels = [min(b, blocks - 1 - b, levels - 1) for b in range(blocks)]
+        self.pooled = None
+        if global_path:
+            self.pooled = nn.Linear(width, channels)
+            nn.init.zeros_(self.pooled.weight)
+            nn.init.zeros_(self.pooled.bias)
+        self.multiplier = None
+        if spectral_size is not None:
+            self.multiplier = nn.Parameter(torch.zeros(spectral_iterations, channels, spectral_size,
+                                                       spectral_size // 2 + 1))
         if self.channels_last:
             self.to(memory_format=torch.channels_last)
 
@@ -194,7 +243,8 @@ class NPO(nn.Module):
         bound.apply_defaults()
         arguments = bound.arguments
         _check_arguments(*(arguments[name] for name in ("channels", "width", "blocks", "kernel_size", "expansion",
-                                                        "activation", "max_iteration")))
+                                                        "activation", "max_iteration", "levels", "spectral_size",
+                                                        "spectral_iterations")))
 
     @property
     def config(self) -> dict[str, Any]:
@@ -244,11 +294,46 @@ class NPO(nn.Module):
             k = k.clamp(max=self.max_iteration) if isinstance(k, torch.Tensor) else min(k, self.max_iteration)
         emb = self.encoding(k).view(-1, self.num_blocks, self.width)  # (B or 1, blocks, width)
         u = self.stem(x)
+        skips, level = [], 0
         for b, block in enumerate(self.blocks):
+            while level < self.levels[b]:  # down: keep the skip, halve the resolution
+                skips.append(u)
+                u, level = F.avg_pool2d(u, 2, ceil_mode=True), level + 1
+            while level > self.levels[b]:  # up: back to the skip's size, add it
+                skip = skips.pop()
+                u, level = F.interpolate(u, size=skip.shape[-2:], mode="nearest") + skip, level - 1
             u = block(u, emb[:, b])
         h = self.head(u)
+        if self.pooled is not None:
+            h = h + self.pooled(u.mean(dim=(2, 3)))[:, :, None, None]
         out = grad + (s * h.float()).to(grad.dtype)
+        if self.multiplier is not None:
+            out = out + self.spectral(grad, k).to(grad.dtype)
         return out.contiguous()
+
+    def spectral_multiplier(self, k: Union[int, torch.Tensor], height: int, width: int) -> torch.Tensor:
+        r"""The Fourier multiplier :math:`M_{\min(k, K_s-1)}` on the rfft grid of an image of ``height × width``:
+        (B or 1, C, height, width // 2 + 1), resampled from the stored grid unless its size matches."""
+        last = self.multiplier.shape[0] - 1
+        index = k.clamp(0, last) if isinstance(k, torch.Tensor) else torch.tensor([min(int(k), last)])
+        m = torch.expm1(SPECTRAL_RATE * self.multiplier[index.to(self.multiplier.device).reshape(-1)])
+        size = self.multiplier.shape[-2]
+        if (height, width // 2 + 1) != (size, size // 2 + 1):
+            # Resample on centred frequencies (DC in the middle of the vertical axis), then uncentre.
+            m = torch.fft.fftshift(m, dim=-2)
+            m = F.interpolate(m, size=(height, width // 2 + 1), mode="bilinear", align_corners=True)
+            m = torch.fft.ifftshift(m, dim=-2)
+        return m
+
+    def spectral(self, grad: torch.Tensor, k: Union[int, torch.Tensor]) -> torch.Tensor:
+        r"""The spectral path :math:`\mathcal F^{-1}(M_k ⊙ \mathcal F g)` (real, float32), zero at initialisation."""
+        height, width = grad.shape[-2:]
+        g = torch.fft.rfft2(grad.float(), norm="ortho")
+        return torch.fft.irfft2(g * self.spectral_multiplier(k, height, width), s=(height, width), norm="ortho")
+
+    def spectral_gain(self, k: Union[int, torch.Tensor], height: int, width: int) -> torch.Tensor:
+        """The spectral path's total gain per rfft frequency, 1 + M_k (B or 1, C, height, width // 2 + 1)."""
+        return 1 + self.spectral_multiplier(k, height, width)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self._config.items())

@@ -1,0 +1,155 @@
+"""Which network can learn a preconditioner? The architecture ablation of the NPO (issue 11, item 3).
+
+The default NPO is local (five 3×3 depthwise ConvNeXt blocks see about 15 pixels), while the
+ill-conditioning of a {0,1} single-pixel camera lives in the image mean and Newton on MRI is a
+Fourier multiplier: global operations. Every architecture here starts as the identity (its output
+layers are zero) and is trained with the same method, loss, budget and seeds:
+
+* ``convnext``: the default NPO;
+* ``+global``: with the global-pooling path (mean of the last features → linear → constant);
+* ``+fourier``: with a learned per-iteration Fourier multiplier on the image's frequency grid;
+* ``unet``: the same blocks on a U-Net-shaped trunk over 3 resolutions (receptive field ×4);
+* ``unet+global+fourier``: all three.
+
+On a refined route (``--base newton``) each network learns the correction on top of the tuned
+Newton preconditioner; from the identity (``--base none``) it must learn the whole preconditioner.
+For every trained network, on the first ``--limit`` test images with plain PnP-FISTA: PSNR at K,
+2K, 5K (mean ± std over seeds), its parameter count and its training seconds per update; the
+untrained start and the teacher beside them.
+
+Writes ``table.md``, ``table.csv``, ``results.json`` (with every run's configuration) and
+``architectures.png`` (PSNR at K against parameters) to ``--out``.
+
+    python benchmarks/architecture_ablation.py --task spc-binary --base newton --seeds 0 --out benchmarks/results/architecture_ablation/spc-binary-newton
+"""
+
+import argparse
+import csv
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from d2gp.apps import HORIZONS, ensure_trained  # noqa: E402
+from d2gp.evaluation import evaluate_solver, mean_std  # noqa: E402
+from d2gp.reports import write_results  # noqa: E402
+from d2gp.tasks import make_task  # noqa: E402
+from d2gp.training import TrainConfig, build_preconditioner, load_npo, saved_train_config  # noqa: E402
+
+
+def architectures(image_size: int) -> dict[str, dict]:
+    """The NPO settings of each architecture (the Fourier multiplier on the task's frequency grid)."""
+    fourier = {"spectral_size": image_size}
+    return {"convnext": {}, "+global": {"global_path": True}, "+fourier": fourier, "unet": {"levels": 3},
+            "unet+global+fourier": {"levels": 3, "global_path": True, **fourier}}
+
+
+def seconds_per_update(run_dir: Path) -> float:
+    rows = list(csv.DictReader((run_dir / "log.csv").open()))
+    return sum(float(r["seconds"]) for r in rows) / max(1, int(rows[-1]["update"]))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task", default="spc-binary")
+    parser.add_argument("--base", default="newton", help="the classical preconditioner refined, or none")
+    parser.add_argument("--method", default="d2gp", choices=["d2gp", "supervised"])
+    parser.add_argument("--architectures", nargs="+", default=None, help="names (default: all)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--iterations", type=int, default=20)
+    parser.add_argument("--updates", type=int, default=120)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--train-images", type=int, default=2000)
+    parser.add_argument("--val-images", type=int, default=32)
+    parser.add_argument("--val-every", type=int, default=40)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--npo", type=json.loads, default={}, help="NPO settings shared by all, JSON (tests: tiny)")
+    parser.add_argument("--task-settings", type=json.loads, default={}, help="task settings, JSON")
+    parser.add_argument("--limit", type=int, default=100, help="test images")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--runs", default="runs/architecture_ablation")
+    parser.add_argument("--out", default="benchmarks/results/architecture_ablation")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    task = make_task(args.task, device="cpu", **args.task_settings)
+    denoiser = task.denoiser()
+    K = args.iterations
+    horizons = [h * K for h in HORIZONS]
+    test = task.images("test", limit=args.limit)
+    choices = architectures(task.image_shape[-1])
+    names = args.architectures or list(choices)
+    unknown = sorted(set(names) - set(choices))
+    if unknown:
+        parser.error(f"unknown architectures {unknown}; choose from {list(choices)}")
+
+    def config(name: str, seed: int) -> TrainConfig:
+        return TrainConfig(task=args.task, task_settings=dict(args.task_settings), method=args.method,
+                           base=None if args.base == "none" else args.base, seed=seed, updates=args.updates,
+                           batch_size=args.batch_size, train_images=args.train_images, val_images=args.val_images,
+                           val_every=args.val_every, warmup=args.warmup, iterations=K,
+                           npo={**args.npo, **choices[name]})
+
+    entries = []
+    for name in names:
+        for seed in args.seeds:
+            run_dir = ensure_trained(config(name, seed), Path(args.runs) / f"{args.task}-{args.base}" / f"{name}-seed{seed}",
+                                     device="cpu")
+            P, _ = load_npo(run_dir / "best.pt", task)
+            learned = getattr(P, "learned", P)
+            run = evaluate_solver(name, task.student, test, denoiser, task.student_step_size, horizons[-1],
+                                  preconditioner=P, progress=False)
+            entries.append({"architecture": name, "seed": seed, "run_dir": str(run_dir), "train": saved_train_config(run_dir),
+                            "parameters": learned.num_parameters(), "seconds_per_update": seconds_per_update(run_dir),
+                            "psnr": {k: float(run.psnr[k].mean()) for k in horizons}})
+    # The untrained start (the tuned base, or the identity at 1/L) and the teacher.
+    base = json.loads((Path(entries[0]["run_dir"]) / "config.json").read_text()).get("base") if entries else None
+    start = build_preconditioner(config(names[0], args.seeds[0]), task, base).eval()
+    references = []
+    for label, physics, step, P in ((f"start: {args.base} (untrained)", task.student, task.student_step_size, start),
+                                    ("teacher (upper bound)", task.teacher, task.teacher_step_size, None)):
+        run = evaluate_solver(label, physics, test, denoiser, step, horizons[-1], preconditioner=P, progress=False)
+        references.append({"architecture": label, "psnr": {k: float(run.psnr[k].mean()) for k in horizons}})
+
+    start_psnr = references[0]["psnr"][K]
+    header = ["architecture", "NPO settings", "parameters", "s / update", "seeds",
+              *(f"PSNR {h}K={h * K} (dB)" for h in HORIZONS), "gain over the start at K (dB)"]
+    rows, summary = [], []
+    for name in names:
+        mine = [e for e in entries if e["architecture"] == name]
+        psnr = {k: mean_std([e["psnr"][k] for e in mine]) for k in horizons}
+        seconds = sum(e["seconds_per_update"] for e in mine) / len(mine)
+        rows.append([name, json.dumps(choices[name]), mine[0]["parameters"], f"{seconds:.2f}", len(mine),
+                     *(f"{psnr[k][0]:.2f} ± {psnr[k][1]:.2f}" for k in horizons), f"{psnr[K][0] - start_psnr:+.2f}"])
+        summary.append({"architecture": name, "settings": choices[name], "parameters": mine[0]["parameters"],
+                        "seconds_per_update": seconds, "psnr": psnr, "gain_at_K": psnr[K][0] - start_psnr})
+    for ref in references:
+        rows.append([ref["architecture"], "—", "—", "—", "—", *(f"{ref['psnr'][k]:.2f}" for k in horizons), "—"])
+    out = Path(args.out)
+    write_results(out, header, rows, {"args": vars(args), "runs": entries, "references": references, "summary": summary},
+                  device=task.device)
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for s in summary:
+        ax.errorbar(s["parameters"], s["psnr"][K][0], yerr=s["psnr"][K][1], fmt="o", capsize=3)
+        ax.annotate(s["architecture"], (s["parameters"], s["psnr"][K][0]), textcoords="offset points", xytext=(5, 4),
+                    fontsize=8)
+    ax.axhline(start_psnr, color="k", ls="--", label=references[0]["architecture"])
+    ax.set_xscale("log")
+    ax.set_xlabel("learned parameters")
+    ax.set_ylabel(f"test PSNR at K = {K} (dB)")
+    route = f"on {args.base}" if args.base != "none" else "from the identity"
+    ax.set_title(f"{args.task}: NPO architectures ({args.method}, {route}, {args.updates} updates, "
+                 f"{len(args.seeds)} seed(s))", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "architectures.png", dpi=120)
+    print((out / "table.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
