@@ -25,6 +25,7 @@ Writes ``table.md``, ``table.csv``, ``results.json`` (with every run's configura
 
 import argparse
 import csv
+import dataclasses
 import json
 from pathlib import Path
 
@@ -38,7 +39,7 @@ from d2gp.apps import HORIZONS, ensure_trained  # noqa: E402
 from d2gp.evaluation import evaluate_solver, mean_std  # noqa: E402
 from d2gp.reports import write_results  # noqa: E402
 from d2gp.tasks import make_task  # noqa: E402
-from d2gp.training import TrainConfig, build_preconditioner, load_npo, saved_train_config  # noqa: E402
+from d2gp.training import TrainConfig, build_preconditioner, load_npo, saved_train_config, tune_base  # noqa: E402
 
 
 def architectures(image_size: int) -> dict[str, dict]:
@@ -69,6 +70,9 @@ def main():
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--npo", type=json.loads, default={}, help="NPO settings shared by all, JSON (tests: tiny)")
     parser.add_argument("--task-settings", type=json.loads, default={}, help="task settings, JSON")
+    parser.add_argument("--compare", default="newton",
+                        help="from the identity (--base none), also evaluate this tuned classical preconditioner "
+                             "(what a global path could learn), or none")
     parser.add_argument("--limit", type=int, default=100, help="test images")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", default="runs/architecture_ablation")
@@ -109,9 +113,14 @@ def main():
     # The untrained start (the tuned base, or the identity at 1/L) and the teacher.
     base = json.loads((Path(entries[0]["run_dir"]) / "config.json").read_text()).get("base") if entries else None
     start = build_preconditioner(config(names[0], args.seeds[0]), task, base).eval()
+    others = [(f"start: {args.base} (untrained)", task.student, task.student_step_size, start)]
+    if args.base == "none" and args.compare != "none":
+        classical = dataclasses.replace(config(names[0], args.seeds[0]), base=args.compare)
+        validation = task.images("val", limit=args.val_images)
+        others.append((f"tuned {args.compare} (classical)", task.student, task.student_step_size,
+                       build_preconditioner(classical, task, tune_base(classical, task, denoiser, validation)).eval()))
     references = []
-    for label, physics, step, P in ((f"start: {args.base} (untrained)", task.student, task.student_step_size, start),
-                                    ("teacher (upper bound)", task.teacher, task.teacher_step_size, None)):
+    for label, physics, step, P in (*others, ("teacher (upper bound)", task.teacher, task.teacher_step_size, None)):
         run = evaluate_solver(label, physics, test, denoiser, step, horizons[-1], preconditioner=P, progress=False)
         references.append({"architecture": label, "psnr": {k: float(run.psnr[k].mean()) for k in horizons}})
 
