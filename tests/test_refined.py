@@ -73,7 +73,7 @@ def test_tune_base_is_tune_classical_as_a_gain(binary):
     assert spec["candidate"] in classical_candidates("newton", task)
 
 
-def test_trained_refined_run_saves_reloads_and_starts_at_newton(binary, tmp_path):
+def test_trained_refined_run_saves_reloads_and_starts_at_newton(binary, tmp_path, capsys):
     config = _config(binary)
     task = make_task("spc-binary", **binary["settings"])
     summary = train(config, tmp_path / "run", task=task, train_images=binary["train"], val_images=binary["val"],
@@ -96,10 +96,13 @@ def test_trained_refined_run_saves_reloads_and_starts_at_newton(binary, tmp_path
     assert summary["best_val_psnr"] > float(plain.psnr[3].mean()) + 3  # far above plain FISTA at γ = 1/L
     with pytest.raises(CheckpointError, match="load it with its task"):
         load_npo(tmp_path / "run" / "best.pt")
-    # resume reproduces the same base and weights
+    # resume reproduces the same base and weights, reading the base back (and says so) instead of tuning it
+    capsys.readouterr()
     again = train(config, tmp_path / "run", task=task, train_images=binary["train"], val_images=binary["val"],
-                  progress=False, resume=True)
+                  progress=True, resume=True)
     assert again["best_val_psnr"] == summary["best_val_psnr"]
+    said = "".join(capsys.readouterr())
+    assert "first session tuned it (read back)" in said and "tuning the base" not in said
 
 
 def test_a_base_needs_an_unrolled_loss_and_a_known_method(binary):

@@ -580,9 +580,7 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = Fal
     # ``given`` is recorded as it was asked for; ``config`` carries the step it resolved to (tune_step).
     given, (config, tuning) = config, from_rank0(lambda: _resolve_step(config, task, val_images, denoiser, run_dir,
                                                                        resume))
-    if config.base is not None and progress:
-        tqdm.write(f"tuning the base preconditioner {config.base!r} on {len(val_images)} validation images")
-    base = from_rank0(lambda: _resolve_base(config, task, val_images, denoiser, run_dir, resume))
+    base = from_rank0(lambda: _resolve_base(config, task, val_images, denoiser, run_dir, resume, progress))
     settings = {"train": given.to_dict(), "task": task.config.to_dict(), "environment": environment(device),
                 "data": {"train": len(train_images), "val": len(val_images), "dataset": task.dataset},
                 "updates": {"total": total, "per_epoch": updates_per_epoch},
@@ -763,12 +761,16 @@ def _recorded(run_dir: Path, resume: bool, key: str):
 
 
 def _resolve_base(config: TrainConfig, task: Task, val_images: torch.Tensor, denoiser, run_dir: Path,
-                  resume: bool) -> dict[str, Any] | None:
+                  resume: bool, progress: bool = False) -> dict[str, Any] | None:
     """:func:`tune_base`, or the base a resumed run recorded (the same: tuning is deterministic)."""
     recorded = _recorded(run_dir, resume, "base")
     if config.base is not None and isinstance(recorded, dict) and recorded.get("method") == config.base \
             and {"candidate", "step_size", "gain", "val_psnr"} <= set(recorded):
+        if progress:
+            tqdm.write(f"the base preconditioner {config.base!r} as the run's first session tuned it (read back)")
         return recorded
+    if config.base is not None and progress:
+        tqdm.write(f"tuning the base preconditioner {config.base!r} on {len(val_images)} validation images")
     return tune_base(config, task, denoiser, val_images)
 
 
