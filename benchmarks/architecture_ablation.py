@@ -49,6 +49,31 @@ def architectures(image_size: int) -> dict[str, dict]:
             "unet+global+fourier": {"levels": 3, "global_path": True, **fourier}}
 
 
+def route(base: str) -> str:
+    return f"on {base}" if base != "none" else "from the identity"
+
+
+def plot(summary: list[dict], references: list[dict], K: int, title: str, path: Path) -> None:
+    """PSNR at K (left) and at 5K (right) against the learned parameters, the references as lines."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True)
+    for ax, horizon in zip(axes, (K, HORIZONS[-1] * K)):
+        key = str(horizon) if str(horizon) in summary[0]["psnr"] else horizon
+        for i, s in enumerate(summary):
+            mean, std = s["psnr"][key]
+            ax.errorbar(s["parameters"], mean, yerr=std, fmt="o", capsize=3, color=f"C{i}", label=s["architecture"])
+        for j, ref in enumerate(references):
+            ax.axhline(ref["psnr"][key], color="k", ls=("--", ":", "-.")[j % 3], lw=1, label=ref["architecture"])
+        ax.set_xscale("log")
+        ax.set_xlabel("learned parameters")
+        ax.set_ylabel(f"test PSNR at k = {horizon} (dB)")
+        ax.set_title(f"k = {horizon}" + (" (= K, as trained)" if horizon == K else " (past K)"), fontsize=9)
+    axes[0].legend(fontsize=7, loc="best")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def seconds_per_update(run_dir: Path) -> float:
     rows = list(csv.DictReader((run_dir / "log.csv").open()))
     return sum(float(r["seconds"]) for r in rows) / max(1, int(rows[-1]["update"]))
@@ -77,7 +102,15 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", default="runs/architecture_ablation")
     parser.add_argument("--out", default="benchmarks/results/architecture_ablation")
+    parser.add_argument("--replot", action="store_true", help="only redraw architectures.png from --out's results.json")
     args = parser.parse_args()
+    if args.replot:
+        saved = json.loads((Path(args.out) / "results.json").read_text())
+        was = argparse.Namespace(**saved["args"])
+        plot(saved["summary"], saved["references"], was.iterations,
+             f"{was.task}: NPO architectures ({was.method}, {route(was.base)}, {was.updates} updates, "
+             f"{len(was.seeds)} seed(s))", Path(args.out) / "architectures.png")
+        return
     torch.set_num_threads(args.threads)
 
     task = make_task(args.task, device="cpu", **args.task_settings)
@@ -142,21 +175,8 @@ def main():
     write_results(out, header, rows, {"args": vars(args), "runs": entries, "references": references, "summary": summary},
                   device=task.device)
 
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for s in summary:
-        ax.errorbar(s["parameters"], s["psnr"][K][0], yerr=s["psnr"][K][1], fmt="o", capsize=3)
-        ax.annotate(s["architecture"], (s["parameters"], s["psnr"][K][0]), textcoords="offset points", xytext=(5, 4),
-                    fontsize=8)
-    ax.axhline(start_psnr, color="k", ls="--", label=references[0]["architecture"])
-    ax.set_xscale("log")
-    ax.set_xlabel("learned parameters")
-    ax.set_ylabel(f"test PSNR at K = {K} (dB)")
-    route = f"on {args.base}" if args.base != "none" else "from the identity"
-    ax.set_title(f"{args.task}: NPO architectures ({args.method}, {route}, {args.updates} updates, "
-                 f"{len(args.seeds)} seed(s))", fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "architectures.png", dpi=120)
+    plot(summary, references, K, f"{args.task}: NPO architectures ({args.method}, {route(args.base)}, "
+         f"{args.updates} updates, {len(args.seeds)} seed(s))", out / "architectures.png")
     print((out / "table.md").read_text())
 
 
