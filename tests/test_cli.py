@@ -143,3 +143,24 @@ def test_reconstruct_in_another_host(tmp_path, capsys):
                  "--out", str(out)]) == 0
     assert "PnP-HQS" in capsys.readouterr().out
     assert json.loads((out / "results.json").read_text())["algorithm"] == "hqs"
+
+
+def test_benchmark_limit_reaches_the_benchmark(tmp_path, monkeypatch, capsys):
+    """`d2gp benchmark --limit N` caps the test images (own tasks have no profile entry: else their whole split)."""
+    import d2gp.benchmark
+
+    seen = {}
+
+    def fake(tasks, methods, **kwargs):
+        seen.update(kwargs)
+        return {"table": "", "out": kwargs["out"]}
+
+    monkeypatch.setattr(d2gp.benchmark, "benchmark", fake)
+    assert main(["benchmark", "--tasks", "spc", "--limit", "7", "--out", str(tmp_path / "b"),
+                 "--runs", str(tmp_path / "r")]) == 0
+    assert seen["limit"] == 7
+    assert main(["benchmark", "--tasks", "spc", "--out", str(tmp_path / "b"), "--runs", str(tmp_path / "r")]) == 0
+    assert seen["limit"] is None
+    with pytest.raises(SystemExit):
+        main(["benchmark", "--limit", "0"])
+    assert "--limit" in capsys.readouterr().err

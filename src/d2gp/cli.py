@@ -372,7 +372,7 @@ def cmd_benchmark(args: argparse.Namespace) -> None:
     check_output_path(args.runs, folder=True, what="--runs")
     result = benchmark(args.tasks, args.methods, profile=args.profile, seeds=args.seeds, out=args.out, runs=args.runs,
                        iterations=args.iterations, device=args.device, restart=args.restart, early=args.early,
-                       converge=args.converge, algorithm=args.algorithm)
+                       converge=args.converge, algorithm=args.algorithm, limit=args.limit)
     print(result["table"])
     print(f"wrote {result['out']}/ (table.md, table.csv, results.json; per task: examples.png, psnr_curves.png)")
 
@@ -477,6 +477,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--converge", type=_positive, default=CONVERGE,
                    help=f"the baseline runs this many iterations for the 'iterations to the baseline's best' column "
                         f"(default {CONVERGE})")
+    p.add_argument("--limit", type=_positive, default=None,
+                   help="test images per task (default: the profile's, e.g. 100 digits for spc-binary in quick)")
     p.add_argument("--out", default="results/benchmark", help="output folder")
     p.add_argument("--runs", default="runs/benchmark", help="training runs (RUNS/TASK/METHOD-seedS), reused when finished")
     _add_device_argument(p)
