@@ -58,11 +58,18 @@ def plot(summary: list[dict], references: list[dict], K: int, title: str, path: 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True)
     for ax, horizon in zip(axes, (K, HORIZONS[-1] * K)):
         key = str(horizon) if str(horizon) in summary[0]["psnr"] else horizon
+        floor = min(ref["psnr"][key] for ref in references) - 12  # a collapse shows at the floor, with its value
         for i, s in enumerate(summary):
             mean, std = s["psnr"][key]
-            ax.errorbar(s["parameters"], mean, yerr=std, fmt="o", capsize=3, color=f"C{i}", label=s["architecture"])
+            if mean < floor:
+                ax.plot(s["parameters"], floor + 0.5, "v", color=f"C{i}", label=s["architecture"])
+                ax.annotate(f"{mean:.1f}", (s["parameters"], floor + 0.5), textcoords="offset points", xytext=(6, -3),
+                            fontsize=7, color=f"C{i}")
+            else:
+                ax.errorbar(s["parameters"], mean, yerr=std, fmt="o", capsize=3, color=f"C{i}", label=s["architecture"])
         for j, ref in enumerate(references):
             ax.axhline(ref["psnr"][key], color="k", ls=("--", ":", "-.")[j % 3], lw=1, label=ref["architecture"])
+        ax.set_ylim(bottom=max(ax.get_ylim()[0], floor))
         ax.set_xscale("log")
         ax.set_xlabel("learned parameters")
         ax.set_ylabel(f"test PSNR at k = {horizon} (dB)")
