@@ -17,7 +17,9 @@ a batch of 32.
   computed once per image (:class:`~d2gp.training.TeacherTargets`; that one-off cost, per
   image, is reported apart);
 * variants of the default: ``supervised`` (no teacher at all), per-iteration checkpointing,
-  truncated backpropagation (last 5), bfloat16 autocast.
+  truncated backpropagation (last 5), bfloat16 autocast, and the same blocks on the U-Net-shaped
+  trunk (``levels=3``: blocks 2–4 at half and quarter resolution; ``TrainConfig``'s default NPO
+  since the architecture ablation, while ``default`` here stays the plain trunk it was).
 
 It also times the no-grad inference of the preconditioned student at K = 20 (images/s) and
 writes the top operators of ``torch.profiler`` for the default step (``profile.md``).
@@ -42,6 +44,7 @@ CONFIGS = {
     "default + checkpointing": dict(unroll="checkpoint"),
     "default + truncated (last 5)": dict(unroll="truncated"),
     "default + bf16 autocast": dict(autocast=True),
+    "default, U-Net trunk (levels 3)": dict(npo=dict(levels=3)),
 }
 
 
