@@ -498,3 +498,19 @@ def test_an_npo_with_the_global_paths_trains_saves_and_reloads(tiny, tmp_path):
     assert npo.multiplier.abs().max() > 0 and npo.pooled.weight.abs().max() > 0  # trained, not left at zero
     state = torch.load(tmp_path / "run" / "best.pt", weights_only=True)["state_dict"]
     assert all(torch.equal(state[k], v) for k, v in npo.state_dict().items())
+
+
+def test_the_default_npo_is_the_u_net_trunk_and_old_runs_keep_theirs():
+    """A run without NPO settings gets DEFAULT_NPO (the architecture ablation's pick); a run or file that
+    recorded other settings, the plain trunk's {} included, is rebuilt with exactly those."""
+    from d2gp.cli import _train_config_from_args, build_parser
+
+    assert training.DEFAULT_NPO == {"levels": 3} and TrainConfig().npo == {"levels": 3}
+    assert TrainConfig().npo is not training.DEFAULT_NPO  # a copy: no run can change the default
+    parse = lambda *flags: _train_config_from_args(build_parser().parse_args(["train", "--task", "spc", *flags]))
+    assert parse().npo == {"levels": 3} and parse("--levels", "1").npo == {"levels": 1}
+    assert parse("--width", "16").npo == {"levels": 3, "width": 16}
+    assert TrainConfig.from_dict({**TrainConfig().to_dict(), "npo": {}}).npo == {}  # a run from before the default
+    task = make_task("spc", image_size=16)
+    assert training.build_preconditioner(TrainConfig(), task).levels == [0, 1, 2, 1, 0]
+    assert training.build_preconditioner(TrainConfig(npo={}), task).levels == [0] * 5

@@ -224,13 +224,13 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _train_config_from_args(args: argparse.Namespace):
     from d2gp.apps import profile_settings
-    from d2gp.training import TrainConfig
+    from d2gp.training import DEFAULT_NPO, TrainConfig
 
     settings = profile_settings(args.profile, args.task)
     settings.update({k[len("train_"):]: v for k, v in vars(args).items() if k.startswith("train_") and v is not None})
     if settings.get("train_images") == 0:  # the flag's "0 = all"
         settings["train_images"] = None
-    npo = {k[len("npo_"):]: v for k, v in vars(args).items() if k.startswith("npo_") and v is not None}
+    npo = {**DEFAULT_NPO, **{k[len("npo_"):]: v for k, v in vars(args).items() if k.startswith("npo_") and v is not None}}
     return TrainConfig(task=args.task, task_settings=_task_overrides(args), npo=npo, **settings)
 
 
