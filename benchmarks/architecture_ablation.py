@@ -35,7 +35,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from d2gp.apps import HORIZONS, ensure_trained  # noqa: E402
+from d2gp.apps import HORIZONS, add_budget_arguments, ensure_trained  # noqa: E402
 from d2gp.evaluation import evaluate_solver, mean_std  # noqa: E402
 from d2gp.reports import write_results  # noqa: E402
 from d2gp.tasks import make_task  # noqa: E402
@@ -92,16 +92,7 @@ def main():
     parser.add_argument("--base", default="newton", help="the classical preconditioner refined, or none")
     parser.add_argument("--method", default="d2gp", choices=["d2gp", "supervised"])
     parser.add_argument("--architectures", nargs="+", default=None, help="names (default: all)")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
-    parser.add_argument("--iterations", type=int, default=20)
-    parser.add_argument("--updates", type=int, default=120)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--train-images", type=int, default=2000)
-    parser.add_argument("--val-images", type=int, default=32)
-    parser.add_argument("--val-every", type=int, default=40)
-    parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--npo", type=json.loads, default={}, help="NPO settings shared by all, JSON (tests: tiny)")
-    parser.add_argument("--task-settings", type=json.loads, default={}, help="task settings, JSON")
+    add_budget_arguments(parser)
     parser.add_argument("--compare", default="newton",
                         help="from the identity (--base none), also evaluate this tuned classical preconditioner "
                              "(what a global path could learn), or none")

@@ -32,7 +32,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from d2gp.analysis import teacher_alignment  # noqa: E402
-from d2gp.apps import HORIZONS, ensure_trained  # noqa: E402
+from d2gp.apps import HORIZONS, add_budget_arguments, ensure_trained  # noqa: E402
 from d2gp.evaluation import evaluate_solver, format_mean_std, mean_std  # noqa: E402
 from d2gp.reports import write_results  # noqa: E402
 from d2gp.solver import pnp_fista  # noqa: E402
@@ -78,16 +78,7 @@ def main():
     parser.add_argument("--task", default="spc-binary")
     parser.add_argument("--base", default="newton", help="the classical preconditioner refined, or none")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
-    parser.add_argument("--iterations", type=int, default=20)
-    parser.add_argument("--updates", type=int, default=120)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--train-images", type=int, default=2000)
-    parser.add_argument("--val-images", type=int, default=32)
-    parser.add_argument("--val-every", type=int, default=40)
-    parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--npo", type=json.loads, default={}, help="NPO settings, JSON (tests: a tiny one)")
-    parser.add_argument("--task-settings", type=json.loads, default={}, help="task settings, JSON")
+    add_budget_arguments(parser)
     parser.add_argument("--limit", type=int, default=100, help="test images")
     parser.add_argument("--alignment-images", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)

@@ -125,3 +125,19 @@ def test_profiles_are_per_task():
     with pytest.raises(CheckpointError, match="unknown profile 'huge'"):
         profile_settings("huge", "spc")
 
+
+
+def test_budget_arguments_default_to_the_quick_profile():
+    import argparse
+
+    from d2gp.apps import PROFILES, add_budget_arguments
+
+    parser = argparse.ArgumentParser()
+    add_budget_arguments(parser)
+    args = parser.parse_args([])
+    quick = PROFILES["quick"]
+    assert (args.updates, args.batch_size, args.train_images, args.val_images, args.val_every, args.warmup) == \
+        (quick["updates"], quick["batch_size"], quick["train_images"], quick["val_images"], quick["val_every"], quick["warmup"])
+    assert args.seeds == [0] and args.iterations == 20 and args.npo == {} and args.task_settings == {}
+    args = parser.parse_args(["--updates", "7", "--npo", '{"width": 8}', "--seeds", "0", "1"])
+    assert args.updates == 7 and args.npo == {"width": 8} and args.seeds == [0, 1]

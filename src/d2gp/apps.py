@@ -26,7 +26,7 @@ from d2gp.preconditioners.files import trained_algorithm, trained_step_size
 from d2gp.solver import ALGORITHM_NAMES, check_algorithm
 from d2gp.training import TrainConfig, load_npo, saved_train_config, train
 
-__all__ = ["evaluate_runs", "evaluation_dir", "check_host", "demo", "ensure_trained", "announce", "announce_training",
+__all__ = ["add_budget_arguments", "evaluate_runs", "evaluation_dir", "check_host", "demo", "ensure_trained", "announce", "announce_training",
            "profile_settings", "PROFILES", "TASK_PROFILES", "HORIZONS", "DEMO_TEST_IMAGES"]
 
 #: Training profiles: the budget (and its schedule) a preset gives a learned preconditioner.
@@ -59,6 +59,20 @@ TASK_PROFILES = {
     ("cpu", "mri"): dict(batch_size=4, updates=300, val_images=32),
     ("cpu", "sr"): dict(batch_size=4, updates=300, val_images=32),
 }
+
+
+def add_budget_arguments(parser, profile: str = "quick") -> None:
+    """The training-budget flags of the ablation scripts (``benchmarks/*_ablation.py``), one
+    :class:`~d2gp.training.TrainConfig` per variant, with ``profile``'s values as defaults."""
+    import json
+
+    budget = PROFILES[profile]
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--iterations", type=int, default=20)
+    for name in ("updates", "batch_size", "train_images", "val_images", "val_every", "warmup"):
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=budget[name])
+    parser.add_argument("--npo", type=json.loads, default={}, help="NPO settings, JSON (tests: a tiny one)")
+    parser.add_argument("--task-settings", type=json.loads, default={}, help="task settings, JSON")
 
 
 def profile_settings(profile: str, task: str) -> dict:
