@@ -113,9 +113,9 @@ DEFAULT_LR = {"npo": 1e-3, "scalar": 3e-2, "pointwise": 3e-2, "convolutional": 1
 
 #: The NPO settings of a run that does not give its own (``TrainConfig.npo``; ``d2gp train`` puts its
 #: flags on top): the default ConvNeXt blocks on a U-Net-shaped trunk over 3 resolutions. Chosen by
-#: ``benchmarks/architecture_ablation.py`` (``benchmarks/results/architecture_ablation/``): as good or
-#: better than the plain trunk at K on the {0,1} single-pixel camera and MRI, steadier past K, and
-#: about 1.5× cheaper per update, with the same 42 k parameters. ``npo={}`` is the plain trunk, as
+#: ``benchmarks/architecture_ablation.py`` (``benchmarks/results/architecture_ablation/``): as good as
+#: the plain trunk at K on the {0,1} single-pixel camera (2 seeds) and better on MRI (3 seeds), and
+#: 1.4× cheaper per update, with the same 42 k parameters (past K: better on MRI, worse on the camera). ``npo={}`` is the plain trunk, as
 #: every run before this default and the shipped NPOs have it (their files record their settings).
 DEFAULT_NPO = {"levels": 3}
 
