@@ -39,7 +39,7 @@ from d2gp.apps import HORIZONS, add_budget_arguments, ensure_trained  # noqa: E4
 from d2gp.evaluation import evaluate_solver, mean_std  # noqa: E402
 from d2gp.reports import write_results  # noqa: E402
 from d2gp.tasks import make_task  # noqa: E402
-from d2gp.training import TrainConfig, build_preconditioner, load_npo, saved_train_config, tune_base  # noqa: E402
+from d2gp.training import TrainConfig, build_preconditioner, load_npo, saved_train_config, tune_base, untrained_start  # noqa: E402
 
 
 def architectures(image_size: int) -> dict[str, dict]:
@@ -142,8 +142,7 @@ def main():
                             "parameters": learned.num_parameters(), "seconds_per_update": seconds_per_update(run_dir),
                             "psnr": {k: float(run.psnr[k].mean()) for k in horizons}})
     # The untrained start (the tuned base, or the identity at 1/L) and the teacher.
-    base = json.loads((Path(entries[0]["run_dir"]) / "config.json").read_text()).get("base") if entries else None
-    start = build_preconditioner(config(names[0], args.seeds[0]), task, base).eval()
+    start = untrained_start(config(names[0], args.seeds[0]), task, entries[0]["run_dir"])
     others = [(f"start: {args.base} (untrained)", task.student, task.student_step_size, start)]
     if args.base == "none" and args.compare != "none":
         classical = dataclasses.replace(config(names[0], args.seeds[0]), base=args.compare)

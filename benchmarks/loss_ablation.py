@@ -22,7 +22,6 @@ Writes ``table.md``, ``table.csv``, ``results.json`` (with every run's configura
 
 import argparse
 import csv
-import json
 from pathlib import Path
 
 import matplotlib
@@ -38,7 +37,7 @@ from d2gp.reports import write_results  # noqa: E402
 from d2gp.solver import pnp_fista  # noqa: E402
 from d2gp.tasks import make_task  # noqa: E402
 from d2gp.tasks.base import measure  # noqa: E402
-from d2gp.training import TrainConfig, build_preconditioner, load_npo, saved_train_config  # noqa: E402
+from d2gp.training import TrainConfig, load_npo, saved_train_config, untrained_start  # noqa: E402
 
 #: The loss terms of each variant (g: gradient, i: imitation, s: supervised) and where the teacher's
 #: gradient is taken.
@@ -109,10 +108,7 @@ def main():
                             "cos": mean_alignment(task, P, probe, denoiser, task.student_step_size, K),
                             "gradient_loss": [first, last]})
     # The untrained start (the tuned base, or the identity at 1/L) and the teacher.
-    start_config = variant_config("s", "student", args, args.seeds[0])
-    reference = Path(entries[0]["run_dir"]) if entries else None
-    base = json.loads((reference / "config.json").read_text()).get("base") if reference else None
-    start = build_preconditioner(start_config, task, base).eval()
+    start = untrained_start(variant_config("s", "student", args, args.seeds[0]), task, entries[0]["run_dir"])
     rows_ref = []
     for label, physics, step, P in ((f"start: {args.base} (untrained)", task.student, task.student_step_size, start),
                                     ("teacher (upper bound)", task.teacher, task.teacher_step_size, None)):

@@ -103,6 +103,12 @@ def test_trained_refined_run_saves_reloads_and_starts_at_newton(binary, tmp_path
     assert again["best_val_psnr"] == summary["best_val_psnr"]
     said = "".join(capsys.readouterr())
     assert "first session tuned it (read back)" in said and "tuning the base" not in said
+    # the run's untrained start, rebuilt from its recorded base without tuning: Newton at its tuned step
+    from d2gp.training import untrained_start
+
+    rebuilt = untrained_start(config, task, tmp_path / "run")
+    with torch.no_grad():
+        torch.testing.assert_close(pnp_fista(task.student, y, task.denoiser(), task.student_step_size, 3, rebuilt), start)
 
 
 def test_a_base_needs_an_unrolled_loss_and_a_known_method(binary):

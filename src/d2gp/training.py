@@ -94,7 +94,7 @@ from d2gp.tasks.base import measure
 from d2gp.tuning import CLASSICAL_METHODS, tune_classical
 
 __all__ = ["TrainConfig", "TrainingError", "DEFAULT_NPO", "train", "saved_train_config", "load_npo", "save_npo", "shipped_npo_path",
-           "build_preconditioner", "tune_base", "TeacherTargets", "NPO_FORMAT", "METHODS", "PRECONDITIONERS",
+           "build_preconditioner", "untrained_start", "tune_base", "TeacherTargets", "NPO_FORMAT", "METHODS", "PRECONDITIONERS",
            "UNROLL_MODES", "SCHEDULES", "DEFAULT_LR", "check_not_diverged", "DIVERGED_DB", "training_step_size",
            "trained_step_size", "trained_algorithm", "check_task", "check_batch_split"]
 
@@ -358,6 +358,13 @@ def build_preconditioner(config: TrainConfig, task: Task, base: dict[str, Any] |
     if base is None:
         return learned
     return Refined(build_base(base, task), learned, base["gain"], base)
+
+
+def untrained_start(config: TrainConfig, task: Task, run_dir: str | os.PathLike) -> torch.nn.Module:
+    """The untrained preconditioner of ``config`` on the base the run in ``run_dir`` recorded in its
+    ``config.json`` (not tuned again): what that run's training started from, in eval mode."""
+    base = read_json(Path(run_dir) / "config.json", "run configuration").get("base")
+    return build_preconditioner(config, task, base).eval()
 
 
 def tune_base(config: TrainConfig, task: Task, denoiser, val_images: torch.Tensor) -> dict[str, Any] | None:

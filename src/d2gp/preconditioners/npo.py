@@ -315,8 +315,9 @@ class NPO(nn.Module):
         r"""The Fourier multiplier :math:`M_{\min(k, K_s-1)}` on the rfft grid of an image of ``height × width``:
         (B or 1, C, height, width // 2 + 1), resampled from the stored grid unless its size matches."""
         last = self.multiplier.shape[0] - 1
-        index = k.clamp(0, last) if isinstance(k, torch.Tensor) else torch.tensor([min(int(k), last)])
-        m = torch.expm1(SPECTRAL_RATE * self.multiplier[index.to(self.multiplier.device).reshape(-1)])
+        theta = (self.multiplier[k.clamp(0, last).to(self.multiplier.device).reshape(-1)] if isinstance(k, torch.Tensor)
+                 else self.multiplier[min(int(k), last)][None])  # an int k: no index tensor per call
+        m = torch.expm1(SPECTRAL_RATE * theta)
         size = self.multiplier.shape[-2]
         if (height, width // 2 + 1) != (size, size // 2 + 1):
             # Resample on centred frequencies (DC in the middle of the vertical axis), then uncentre.
