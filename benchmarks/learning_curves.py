@@ -8,6 +8,11 @@ validation images, grid + golden-section search) and the teacher are horizontal 
 update counts of the training profiles are marked on the axis, so the figure says where each
 profile sits. Writes ``table.md/csv``, ``results.json`` and ``learning_curves.png``.
 
+Then each run's best-on-validation NPO (``best.pt``) is scored on the test split at K, 2K and 5K
+against the tuned baseline and the teacher (:func:`d2gp.apps.evaluate_runs`), in plain PnP-FISTA
+(as Table I) and with adaptive restart (``d2gp evaluate``'s default): ``TASK/test-plain/`` and
+``TASK/test-restart/``, summarised in ``test.md`` as gains over the tuned baseline.
+
     python benchmarks/learning_curves.py --tasks spc mri --updates 4096 --out benchmarks/results/learning_curves
 """
 
@@ -22,7 +27,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from d2gp.apps import PROFILES, ensure_trained, profile_settings  # noqa: E402
+from d2gp.apps import HORIZONS, PROFILES, ensure_trained, evaluate_runs, profile_settings  # noqa: E402
 from d2gp.evaluation import evaluate_solver, tune_step_size  # noqa: E402
 from d2gp.reports import markdown_table, write_results  # noqa: E402
 from d2gp.tasks import make_task  # noqa: E402
@@ -49,6 +54,7 @@ def main():
     parser.add_argument("--updates", type=int, default=4096)
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--val-images", type=int, default=None, help="validation images (default: the profile's)")
+    parser.add_argument("--test-images", type=int, default=200, help="test images of the K/2K/5K evaluation")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="auto")
@@ -58,21 +64,24 @@ def main():
     torch.set_num_threads(args.threads)
 
     points = [2 ** i for i in range(4, int(math.log2(args.updates)) + 1)]
-    rows, results = [], {}
+    rows, results, test_rows = [], {}, []
+    out = Path(args.out)
     fig, axes = plt.subplots(1, len(args.tasks), figsize=(5.2 * len(args.tasks), 3.8), squeeze=False)
     for ax, task_name in zip(axes[0], args.tasks):
         settings = {**profile_settings(args.profile, task_name), "updates": args.updates, "schedule": "constant",
                     "warmup": args.warmup, "val_points": points, "val_every": args.updates,
                     **({"val_images": args.val_images} if args.val_images else {})}
-        curves = {}
+        curves, run_dirs = {}, []
         for method in args.methods:
             config = TrainConfig(task=task_name, seed=args.seed, method=method, **settings)
             run_dir = ensure_trained(config, Path(args.runs) / task_name / f"{method}-seed{args.seed}", device=args.device)
+            run_dirs.append(run_dir)
             log = _read_log(run_dir / "log.csv")
             curves[method] = {int(row["update"]): float(row["val_psnr"]) for row in log}
             summary = json.loads((run_dir / "summary.json").read_text())
             results.setdefault(task_name, {})[method] = {"run": str(run_dir), "val_psnr": curves[method],
-                                                          "training_seconds": summary["training_seconds"]}
+                                                          "training_seconds": summary["training_seconds"],
+                                                          "seconds_per_update": summary.get("seconds_per_update")}
         task = make_task(task_name, device=args.device)
         config = TrainConfig(task=task_name, **settings)
         val = task.images("val", limit=config.val_images)
@@ -96,17 +105,38 @@ def main():
             if updates <= args.updates:
                 ax.axvline(updates, color="grey", lw=0.8, alpha=0.6)
                 ax.annotate(profile, (updates, ax.get_ylim()[0]), rotation=90, fontsize=7, va="bottom", ha="right")
+        for host, restart in (("plain", False), ("restart", True)):
+            evaluation = evaluate_runs(run_dirs, limit=args.test_images, restart=restart, device=args.device,
+                                       out=out / task_name / f"test-{host}", progress=False)
+            results[task_name][f"test_{host}"] = evaluation["results"]
+            test_rows += _gain_rows(task_name, host, evaluation["results"])
         ax.set_xscale("log", base=2)
         ax.set_xlabel("Adam updates")
         ax.set_ylabel(f"validation PSNR at K = {K} (dB)")
         ax.set_title(f"{task_name} ({args.profile} profile settings, constant lr)")
         ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    out = Path(args.out)
     header = ["task", "updates", *(f"{METHODS[m]} val PSNR (dB)" for m in args.methods), "baseline (tuned γ)", "teacher"]
     print(markdown_table(header, rows))
     write_results(out, header, rows, {"args": vars(args), "tasks": results})
     fig.savefig(out / "learning_curves.png", dpi=130)
+    test_header = ["task", "host", "method", *(f"PSNR {h}K (dB)" for h in HORIZONS),
+                   *(f"gain {h}K (dB)" for h in HORIZONS)]
+    test_table = markdown_table(test_header, test_rows)
+    print(test_table)
+    (out / "test.md").write_text(f"Test split, best-on-validation NPOs against the tuned baseline "
+                                 f"(gain = method − baseline, mean over images):\n\n{test_table}\n")
+
+
+def _gain_rows(task: str, host: str, results: dict) -> list[list]:
+    """One row per method of an :func:`evaluate_runs` result: PSNR at each horizon and its gain
+    over the tuned baseline (the first method)."""
+    horizons = results["horizons"]
+    psnr = {m["label"]: [m["psnr"][k][0] for k in horizons] for m in results["methods"]}
+    baseline = psnr[results["methods"][0]["label"]]
+    return [[task, host, label, *(f"{v:.2f}" for v in values),
+             *(("—" if i == 0 else f"{v - b:+.2f}") for v, b in zip(values, baseline))]
+            for i, (label, values) in enumerate(psnr.items())]
 
 
 def _read_log(path: Path) -> list[dict]:
