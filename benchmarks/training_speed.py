@@ -13,13 +13,13 @@ a batch of 32.
   converted only its one-channel input, which left every convolution NCHW), the ConvNeXt
   blocks unfused (LayerNorm, Linear, ReLU, Linear, layer scale) and the teacher re-run every
   update;
-* ``default``: today's step — channels-last weights, fused blocks, the teacher's targets
-  computed once per image (:class:`~d2gp.training.TeacherTargets`; that one-off cost, per
-  image, is reported apart);
+* ``default``: today's step — :data:`d2gp.training.DEFAULT_NPO` (the U-Net-shaped trunk,
+  ``levels=3``: blocks 2–4 at half and quarter resolution, since the architecture ablation),
+  channels-last weights, fused blocks, the teacher's targets computed once per image
+  (:class:`~d2gp.training.TeacherTargets`; that one-off cost, per image, is reported apart);
 * variants of the default: ``supervised`` (no teacher at all), per-iteration checkpointing,
-  truncated backpropagation (last 5), bfloat16 autocast, and the same blocks on the U-Net-shaped
-  trunk (``levels=3``: blocks 2–4 at half and quarter resolution; ``TrainConfig``'s default NPO
-  since the architecture ablation, while ``default`` here stays the plain trunk it was).
+  truncated backpropagation (last 5), bfloat16 autocast, and the plain trunk (all blocks at full
+  resolution: the default NPO before the architecture ablation, and the shipped NPOs' trunk).
 
 It also times the no-grad inference of the preconditioned student at K = 20 (images/s) and
 writes the top operators of ``torch.profiler`` for the default step (``profile.md``).
@@ -38,13 +38,13 @@ import time
 CONFIGS = {
     "naive": dict(denoiser=(20, 64), npo=dict(kernel_size=7, activation="gelu", expansion=4), layout="nchw",
                   fused=False, cache=False),
-    "before": dict(layout="nchw", fused=False, cache=False),
+    "before": dict(layout="nchw", fused=False, cache=False, npo={}),
     "default": dict(),
     "supervised": dict(method="supervised"),
     "default + checkpointing": dict(unroll="checkpoint"),
     "default + truncated (last 5)": dict(unroll="truncated"),
     "default + bf16 autocast": dict(autocast=True),
-    "default, U-Net trunk (levels 3)": dict(npo=dict(levels=3)),
+    "default, plain trunk": dict(npo={}),
 }
 
 
@@ -60,7 +60,7 @@ def measure(name: str, threads: int, steps: int, batch: int, profile: bool) -> d
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    spec = {"denoiser": None, "npo": {}, "layout": "cl", "fused": True, "cache": True, "method": "d2gp",
+    spec = {"denoiser": None, "npo": dict(training.DEFAULT_NPO), "layout": "cl", "fused": True, "cache": True, "method": "d2gp",
             "unroll": "full", "autocast": False, **CONFIGS[name]}
     if not spec["fused"]:
         ConvNeXtBlock.forward = ConvNeXtBlock.reference_forward
