@@ -41,6 +41,21 @@ def test_demo_reuses_finished_runs_and_never_overwrites_another(tiny_demo):
         demo(out, limit=8, progress=False, **{**TINY, "lr": 5e-4})
 
 
+def test_demo_trains_and_evaluates_in_the_chosen_host(tmp_path):
+    result = demo(tmp_path / "demo", limit=4, progress=False, algorithm="pgd", **TINY)
+    assert result["results"]["algorithm"] == "pgd" and result["results"]["restart"] is False  # pgd has no momentum
+    for method in ("d2gp", "supervised"):
+        assert json.loads((tmp_path / "demo" / method / "config.json").read_text())["train"]["algorithm"] == "pgd"
+
+
+def test_demo_command_passes_the_host_and_restart(monkeypatch, tmp_path, capsys):
+    calls = []
+    monkeypatch.setattr("d2gp.apps.demo", lambda out, **kw: calls.append(kw) or {"table": "t", "out": str(out)})
+    assert main(["demo", "--out", str(tmp_path / "a"), "--algorithm", "hqs"]) == 0
+    assert main(["demo", "--out", str(tmp_path / "b"), "--no-restart"]) == 0
+    assert [(c["algorithm"], c["restart"]) for c in calls] == [("hqs", None), ("fista", False)]
+
+
 def test_evaluate_command_writes_where_the_demo_does(tiny_demo, capsys):
     out, _ = tiny_demo
     assert main(["evaluate", str(out / "d2gp"), str(out / "supervised"), "--limit", "4"]) == 0

@@ -284,7 +284,8 @@ def demo(out: str | os.PathLike = "runs/demo", task: str = "spc", profile: str =
     The runs go to ``out/d2gp`` and ``out/supervised``, the evaluation to ``out/evaluation``
     (:func:`evaluation_dir`, the rule of ``d2gp evaluate``). Finished runs in ``out`` are reused
     (``resume``), so an interrupted demo continues where it stopped.
-    ``overrides`` are :class:`~d2gp.training.TrainConfig` fields; ``limit`` caps the test images
+    ``overrides`` are :class:`~d2gp.training.TrainConfig` fields (``algorithm="pgd"``: both NPOs
+    trained, and then evaluated, in PnP-PGD; ``restart`` follows it); ``limit`` caps the test images
     (default :data:`DEMO_TEST_IMAGES`; ``None``: all).
     """
     out = Path(out)

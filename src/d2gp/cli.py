@@ -360,7 +360,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
     check_output_path(args.out, folder=True)
     result = demo(args.out, task=args.task, profile=args.profile, seed=args.seed, device=args.device,
-                  limit=args.limit or None)
+                  limit=args.limit or None, restart=args.restart, algorithm=args.algorithm)
     print(result["table"])
     print(f"wrote {result['out']}/ (table.md, table.csv, results.json, examples.png, psnr_curves.png)")
 
@@ -458,6 +458,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "are reused), the evaluation in OUT/evaluation, as `d2gp evaluate` would write it")
     p.add_argument("--limit", type=_non_negative, default=DEMO_TEST_IMAGES,
                    help=f"test images to evaluate on (default {DEMO_TEST_IMAGES}; 0 = the whole test split)")
+    _add_algorithm_argument(p, "fista", "fista: the paper's; both NPOs are trained in it and evaluated in it")
+    _add_restart_argument(p, restart=None)
     _add_device_argument(p)
     p.set_defaults(func=cmd_demo)
 
