@@ -81,7 +81,9 @@ def main():
             summary = json.loads((run_dir / "summary.json").read_text())
             results.setdefault(task_name, {})[method] = {"run": str(run_dir), "val_psnr": curves[method],
                                                           "training_seconds": summary["training_seconds"],
-                                                          "seconds_per_update": summary.get("seconds_per_update")}
+                                                          "seconds_per_update": summary.get("seconds_per_update"),
+                                                          # how it was trained (command, machine, date, threads)
+                                                          "run_config": json.loads((run_dir / "config.json").read_text())}
         task = make_task(task_name, device=args.device)
         config = TrainConfig(task=task_name, **settings)
         val = task.images("val", limit=config.val_images)
