@@ -450,7 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the main job: train D2GP and Supervised NPOs, evaluate, print the table")
     p.add_argument("--task", choices=list(TASKS), default="spc", help="task (default spc)")
     p.add_argument("--profile", choices=list(PROFILES), default="quick",
-                   help="quick: the README's main job (9.3 min on 2 CPU cores, benchmarks/results/demo-spc/time.json); cpu: about an hour per "
+                   help="quick: the README's main job (7.9 min on 2 CPU cores, benchmarks/results/demo-spc/time.json); cpu: about an hour per "
                         "method on 2 cores; paper: for a GPU")
     p.add_argument("--seed", type=_non_negative, default=0)
     p.add_argument("--out", default="runs/demo",
