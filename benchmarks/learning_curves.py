@@ -4,9 +4,9 @@ For each task and method (D2GP, Supervised), one run of the task's ``--profile``
 ``--updates`` updates at a **constant** learning rate after a short warm-up (a cosine schedule
 would tie every point of the curve to the run's total), validated at every power of two from 16
 on (``TrainConfig.val_points``). The tuned student baseline (its step size tuned on the same
-validation images, grid + golden-section search) and the teacher are horizontal lines; the
-update counts of the training profiles are marked on the axis, so the figure says where each
-profile sits. Writes ``table.md/csv``, ``results.json`` and ``learning_curves.png``.
+validation images, grid + golden-section search, by the plain-FISTA evaluation below) and the
+teacher are horizontal lines; the update counts of the training profiles are marked on the axis,
+so the figure says where each profile sits. Writes ``table.md/csv``, ``results.json`` and ``learning_curves.png``.
 
 Then each run's best-on-validation NPO (``best.pt``) is scored on the test split at K, 2K and 5K
 against the tuned baseline and the teacher (:func:`d2gp.apps.evaluate_runs`), in plain PnP-FISTA
@@ -28,7 +28,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from d2gp.apps import HORIZONS, PROFILES, ensure_trained, evaluate_runs, profile_settings  # noqa: E402
-from d2gp.evaluation import evaluate_solver, tune_step_size  # noqa: E402
+from d2gp.evaluation import evaluate_solver  # noqa: E402
 from d2gp.reports import markdown_table, write_results  # noqa: E402
 from d2gp.tasks import make_task  # noqa: E402
 from d2gp.training import TrainConfig  # noqa: E402
@@ -89,7 +89,14 @@ def main():
         val = task.images("val", limit=config.val_images)
         denoiser = task.denoiser()
         K = config.iterations
-        tuned, tuning = tune_step_size(task.student, val, denoiser, task.student_step_size, K)
+        for host, restart in (("plain", False), ("restart", True)):
+            evaluation = evaluate_runs(run_dirs, limit=args.test_images, restart=restart, device=args.device,
+                                       out=out / task_name / f"test-{host}", progress=False)
+            results[task_name][f"test_{host}"] = evaluation["results"]
+            test_rows += _gain_rows(task_name, host, evaluation["results"])
+        # The curve's baseline line: the plain evaluation tuned γ on these validation images at K.
+        tuning_record = results[task_name]["test_plain"]["baseline_step_tuning"]
+        tuned, tuning = tuning_record["chosen"], tuning_record["val_psnr_by_step"]
         baseline = tuning[f"{tuned:.6g}"]
         teacher = float(evaluate_solver("teacher", task.teacher, val, denoiser, task.teacher_step_size, K,
                                         progress=False).psnr[K].mean())
@@ -107,11 +114,6 @@ def main():
             if updates <= args.updates:
                 ax.axvline(updates, color="grey", lw=0.8, alpha=0.6)
                 ax.annotate(profile, (updates, ax.get_ylim()[0]), rotation=90, fontsize=7, va="bottom", ha="right")
-        for host, restart in (("plain", False), ("restart", True)):
-            evaluation = evaluate_runs(run_dirs, limit=args.test_images, restart=restart, device=args.device,
-                                       out=out / task_name / f"test-{host}", progress=False)
-            results[task_name][f"test_{host}"] = evaluation["results"]
-            test_rows += _gain_rows(task_name, host, evaluation["results"])
         ax.set_xscale("log", base=2)
         ax.set_xlabel("Adam updates")
         ax.set_ylabel(f"validation PSNR at K = {K} (dB)")

@@ -32,7 +32,7 @@ import torch  # noqa: E402
 
 from d2gp.analysis import teacher_alignment  # noqa: E402
 from d2gp.apps import HORIZONS, add_budget_arguments, ensure_trained  # noqa: E402
-from d2gp.evaluation import evaluate_solver, format_mean_std, mean_std  # noqa: E402
+from d2gp.evaluation import evaluate_solver, mean_std  # noqa: E402
 from d2gp.reports import write_results  # noqa: E402
 from d2gp.solver import pnp_fista  # noqa: E402
 from d2gp.tasks import make_task  # noqa: E402
@@ -116,7 +116,7 @@ def main():
         cos = mean_alignment(task, P, probe, denoiser, step, K) if physics is task.student else (None, None)
         rows_ref.append({"variant": label, "psnr": {k: float(run.psnr[k].mean()) for k in horizons}, "cos": cos})
 
-    header = ["loss terms", "seeds", *(f"PSNR {h}K={h * K} (dB)" for h in HORIZONS), f"gain over the start at K (dB)",
+    header = ["loss terms", "seeds", *(f"PSNR {h}K={h * K} (dB)" for h in HORIZONS), "gain over the start at K (dB)",
               "cos(P g, ∇f_t)", "cos(g, ∇f_t)", "L_g first → last logged"]
     start_psnr = rows_ref[0]["psnr"][K]
     rows, summary = [], []

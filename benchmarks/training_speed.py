@@ -60,8 +60,8 @@ def measure(name: str, threads: int, steps: int, batch: int, profile: bool) -> d
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    spec = {"denoiser": None, "npo": dict(training.DEFAULT_NPO), "layout": "cl", "fused": True, "cache": True, "method": "d2gp",
-            "unroll": "full", "autocast": False, **CONFIGS[name]}
+    spec = {"denoiser": None, "npo": dict(training.DEFAULT_NPO), "layout": "cl", "fused": True, "cache": True,
+            "method": "d2gp", "unroll": "full", "autocast": False, **CONFIGS[name]}
     if not spec["fused"]:
         ConvNeXtBlock.forward = ConvNeXtBlock.reference_forward
     task = make_task("spc", device="cpu")

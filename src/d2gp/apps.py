@@ -26,8 +26,8 @@ from d2gp.preconditioners.files import trained_algorithm, trained_step_size
 from d2gp.solver import ALGORITHM_NAMES, check_algorithm
 from d2gp.training import TrainConfig, load_npo, saved_train_config, train
 
-__all__ = ["add_budget_arguments", "evaluate_runs", "evaluation_dir", "check_host", "demo", "ensure_trained", "announce", "announce_training",
-           "profile_settings", "PROFILES", "TASK_PROFILES", "HORIZONS", "DEMO_TEST_IMAGES"]
+__all__ = ["add_budget_arguments", "evaluate_runs", "evaluation_dir", "check_host", "demo", "ensure_trained", "announce",
+           "announce_training", "profile_settings", "PROFILES", "TASK_PROFILES", "HORIZONS", "DEMO_TEST_IMAGES"]
 
 #: Training profiles: the budget (and its schedule) a preset gives a learned preconditioner.
 #:

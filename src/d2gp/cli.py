@@ -21,7 +21,6 @@ import os
 import sys
 import typing
 import warnings
-from pathlib import Path
 
 import torch
 

@@ -93,9 +93,9 @@ from d2gp.tasks import Task, make_task
 from d2gp.tasks.base import measure
 from d2gp.tuning import CLASSICAL_METHODS, tune_classical
 
-__all__ = ["TrainConfig", "TrainingError", "DEFAULT_NPO", "train", "saved_train_config", "load_npo", "save_npo", "shipped_npo_path",
-           "build_preconditioner", "untrained_start", "tune_base", "TeacherTargets", "NPO_FORMAT", "METHODS", "PRECONDITIONERS",
-           "UNROLL_MODES", "SCHEDULES", "DEFAULT_LR", "check_not_diverged", "DIVERGED_DB", "training_step_size",
+__all__ = ["TrainConfig", "TrainingError", "DEFAULT_NPO", "train", "saved_train_config", "load_npo", "save_npo",
+           "shipped_npo_path", "build_preconditioner", "untrained_start", "tune_base", "TeacherTargets", "NPO_FORMAT",
+           "METHODS", "PRECONDITIONERS", "UNROLL_MODES", "SCHEDULES", "DEFAULT_LR", "check_not_diverged", "DIVERGED_DB", "training_step_size",
            "trained_step_size", "trained_algorithm", "check_task", "check_batch_split"]
 
 _STATE_FORMAT = "d2gp-npo-training"
@@ -115,8 +115,9 @@ DEFAULT_LR = {"npo": 1e-3, "scalar": 3e-2, "pointwise": 3e-2, "convolutional": 1
 #: flags on top): the default ConvNeXt blocks on a U-Net-shaped trunk over 3 resolutions. Chosen by
 #: ``benchmarks/architecture_ablation.py`` (``benchmarks/results/architecture_ablation/``): as good as
 #: the plain trunk at K on the {0,1} single-pixel camera (2 seeds) and better on MRI (3 seeds), and
-#: 1.4× cheaper per update, with the same 42 k parameters (past K: better on MRI, worse on the camera). ``npo={}`` is the plain trunk, as
-#: every run before this default and the shipped NPOs have it (their files record their settings).
+#: 1.4× cheaper per update, with the same 42 k parameters (past K: better on MRI, worse on the
+#: camera). ``npo={}`` is the plain trunk, as every run before this default and the shipped NPOs have
+#: it (their files record their settings).
 DEFAULT_NPO = {"levels": 3}
 
 #: Base of the per-image seeds of the teacher's fixed noise draws (far from the evaluation seeds).
