@@ -78,7 +78,7 @@ def tables(entries: list[dict], K: int, horizons, hosts, methods, with_task: boo
     baseline = {(e["task"], e["host"]): e["psnr"][K][0] for e in entries if e["method"] == "baseline"}
     header = [*(["task"] if with_task else []), "host", "method", *(f"PSNR {h}K={h * K} (dB)" if h > 1 else
                                                                       f"PSNR K={K} (dB)" for h in HORIZONS),
-              f"gain over the host's tuned baseline at K (dB)", "step γ"]
+              "gain over the host's tuned baseline at K (dB)", "step γ"]
     rows, gains = [], {}
     for e in entries:
         gain = e["psnr"][K][0] - baseline[(e["task"], e["host"])] if (e["task"], e["host"]) in baseline else None

@@ -27,7 +27,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from d2gp.apps import HORIZONS, PROFILES, ensure_trained, evaluate_runs, profile_settings  # noqa: E402
+from d2gp.apps import (HORIZONS, PROFILES, ensure_trained, evaluate_runs, horizon_label,  # noqa: E402
+                       profile_settings)
 from d2gp.evaluation import evaluate_solver  # noqa: E402
 from d2gp.reports import markdown_table, write_results  # noqa: E402
 from d2gp.tasks import make_task  # noqa: E402
@@ -51,9 +52,11 @@ def main():
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--profile", default="cpu", choices=list(PROFILES),
                         help="the training settings (batch, images, learning rate) the curve extends")
-    parser.add_argument("--updates", type=int, default=4096)
+    parser.add_argument("--updates", nargs="+", default=["4096"],
+                        help="updates of every run: N for all tasks, or TASK=N per task (spc=4096 mri=2048)")
     parser.add_argument("--warmup", type=int, default=20)
-    parser.add_argument("--val-images", type=int, default=None, help="validation images (default: the profile's)")
+    parser.add_argument("--val-images", nargs="+", default=None,
+                        help="validation images: N or TASK=N per task (default: the profile's)")
     parser.add_argument("--test-images", type=int, default=200, help="test images of the K/2K/5K evaluation")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
@@ -63,14 +66,19 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    points = [2 ** i for i in range(4, int(math.log2(args.updates)) + 1)]
+    updates_by_task = per_task(args.updates, args.tasks, "--updates")
+    val_images_by_task = per_task(args.val_images or [], args.tasks, "--val-images")
     rows, results, test_rows = [], {}, []
     out = Path(args.out)
     fig, axes = plt.subplots(1, len(args.tasks), figsize=(5.2 * len(args.tasks), 3.8), squeeze=False)
     for ax, task_name in zip(axes[0], args.tasks):
-        settings = {**profile_settings(args.profile, task_name), "updates": args.updates, "schedule": "constant",
-                    "warmup": args.warmup, "val_points": points, "val_every": args.updates,
-                    **({"val_images": args.val_images} if args.val_images else {})}
+        updates = updates_by_task[task_name]
+        if updates is None:
+            parser.error(f"--updates gives no value for {task_name}")
+        points = [2 ** i for i in range(4, int(math.log2(updates)) + 1)]
+        settings = {**profile_settings(args.profile, task_name), "updates": updates, "schedule": "constant",
+                    "warmup": args.warmup, "val_points": points, "val_every": updates,
+                    **({"val_images": val_images_by_task[task_name]} if val_images_by_task[task_name] else {})}
         curves, run_dirs = {}, []
         for method in args.methods:
             config = TrainConfig(task=task_name, seed=args.seed, method=method, **settings)
@@ -111,7 +119,7 @@ def main():
         ax.axhline(baseline, color="k", ls="--", lw=1, label=f"baseline, tuned γ ({baseline:.2f})")
         ax.axhline(teacher, color="g", ls=":", lw=1, label=f"teacher ({teacher:.2f})")
         for profile, updates in results[task_name]["profiles"].items():
-            if updates <= args.updates:
+            if updates <= updates_by_task[task_name]:
                 ax.axvline(updates, color="grey", lw=0.8, alpha=0.6)
                 ax.annotate(profile, (updates, ax.get_ylim()[0]), rotation=90, fontsize=7, va="bottom", ha="right")
         ax.set_xscale("log", base=2)
@@ -124,12 +132,31 @@ def main():
     print(markdown_table(header, rows))
     write_results(out, header, rows, {"args": vars(args), "tasks": results})
     fig.savefig(out / "learning_curves.png", dpi=130)
-    test_header = ["task", "host", "method", *(f"PSNR {h}K (dB)" for h in HORIZONS),
-                   *(f"gain {h}K (dB)" for h in HORIZONS)]
+    horizons = [horizon_label(h) for h in HORIZONS]
+    test_header = ["task", "host", "method", *(f"PSNR {h} (dB)" for h in horizons), *(f"gain {h} (dB)" for h in horizons)]
     test_table = markdown_table(test_header, test_rows)
     print(test_table)
     (out / "test.md").write_text(f"Test split, best-on-validation NPOs against the tuned baseline "
                                  f"(gain = method − baseline, mean over images):\n\n{test_table}\n")
+
+
+def per_task(values: list[str], tasks: list[str], option: str) -> dict[str, int | None]:
+    """``["N"]`` (every task) or ``["TASK=N", ...]`` → ``{task: N or None}``; unknown tasks are an error."""
+    if len(values) == 1 and "=" not in values[0]:
+        return {task: _positive(values[0], option) for task in tasks}
+    given = {}
+    for item in values:
+        task, sep, value = item.partition("=")
+        if not sep or task not in tasks:
+            raise SystemExit(f"{option}: {item!r} is not TASK=N for one of the tasks {', '.join(tasks)}")
+        given[task] = _positive(value, option)
+    return {task: given.get(task) for task in tasks}
+
+
+def _positive(value: str, option: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise SystemExit(f"{option}: {value!r} is not a positive whole number (give N, or TASK=N per task)")
+    return int(value)
 
 
 def _gain_rows(task: str, host: str, results: dict) -> list[list]:

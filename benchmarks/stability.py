@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from d2gp.apps import evaluate_runs
+from d2gp.apps import evaluate_runs, horizon_label
 from d2gp.reports import markdown_table, write_results
 from d2gp.training import saved_train_config
 
@@ -66,7 +66,7 @@ def main():
                                        horizons=args.horizons, restart=restart)
             rows += summarize(evaluation["results"], solver, results.setdefault(name, {}))
     horizons = sorted(set(args.horizons) | {1})
-    header = ["task", "solver", "method", *(f"PSNR {h if h > 1 else ''}K" for h in horizons), "gain over baseline at K",
+    header = ["task", "solver", "method", *(f"PSNR {horizon_label(h)}" for h in horizons), "gain over baseline at K",
               f"within {TOLERANCE} dB to 5K", f"≥ baseline − {TOLERANCE} at {horizons[-1]}K",
               "images still preconditioned at the end"]
     print(markdown_table(header, rows))

@@ -10,7 +10,7 @@ from deepinv.physics import LinearPhysics
 
 from d2gp.analysis import (
     analyze, convergence, finite_difference, finite_difference_agreement, homogeneity_error, jacobian,
-    jacobian_properties, jvp_columns, lanczos, linearization_error, preconditioned_spectrum, range_basis, vjp_rows,
+    jacobian_properties, lanczos, linearization_error, preconditioned_spectrum, range_basis, vjp_rows,
 )
 from d2gp.benchmark import benchmark
 from d2gp.cli import main

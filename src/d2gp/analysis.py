@@ -1001,8 +1001,8 @@ def analyze(sources: Sequence[str], task: Task, out: str | os.PathLike, *, at: S
                                          for k in ks}} for item in loaded}})
         results["table"] = markdown_table(header, rows)
 
-        curves = {f"student A_sᵀA_s": spectra["student"]["singular_values"],
-                  f"teacher A_tᵀA_t": spectra["teacher"]["singular_values"]}
+        curves = {"student A_sᵀA_s": spectra["student"]["singular_values"],
+                  "teacher A_tᵀA_t": spectra["teacher"]["singular_values"]}
         conditions = {"student": {k: spectra["student"]["condition"] for k in ks},
                       "teacher": {k: spectra["teacher"]["condition"] for k in ks}}
         if comparison is not None:

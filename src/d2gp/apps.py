@@ -27,7 +27,8 @@ from d2gp.solver import ALGORITHM_NAMES, check_algorithm
 from d2gp.training import TrainConfig, load_npo, saved_train_config, train
 
 __all__ = ["add_budget_arguments", "evaluate_runs", "evaluation_dir", "check_host", "demo", "ensure_trained", "announce",
-           "announce_training", "profile_settings", "PROFILES", "TASK_PROFILES", "HORIZONS", "DEMO_TEST_IMAGES"]
+           "announce_training", "profile_settings", "PROFILES", "TASK_PROFILES", "HORIZONS", "horizon_label",
+           "DEMO_TEST_IMAGES"]
 
 #: Training profiles: the budget (and its schedule) a preset gives a learned preconditioner.
 #:
@@ -144,6 +145,11 @@ def _run_config(run_dir: Path) -> dict:
 
 #: Multiples of K at which every evaluation reports PSNR: does a method hold past the K it was trained for?
 HORIZONS = (1, 2, 5)
+
+
+def horizon_label(multiple: int) -> str:
+    """A horizon's name in tables: ``1`` → ``"K"``, ``5`` → ``"5K"``."""
+    return "K" if multiple == 1 else f"{multiple}K"
 
 
 def evaluation_dir(run_dirs: Sequence[str | os.PathLike]) -> Path:

@@ -49,7 +49,7 @@ from d2gp.plots import examples_figure, psnr_curves
 from d2gp.preconditioners.files import trained_algorithm, trained_step_size
 from d2gp.reports import markdown_table, write_results
 from d2gp.solver import ALGORITHM_NAMES, solve
-from d2gp.tasks import TASKS, Task, make_task
+from d2gp.tasks import TASKS, make_task
 from d2gp.training import TrainConfig, load_npo
 from d2gp.tuning import STEP_FACTORS, classical_candidates, tune_classical
 
