@@ -27,14 +27,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from d2gp.apps import (HORIZONS, PROFILES, ensure_trained, evaluate_runs, horizon_label,  # noqa: E402
-                       profile_settings)
+from d2gp.apps import (HORIZONS, METHOD_LABELS, PROFILES, ensure_trained, evaluate_runs,  # noqa: E402
+                       horizon_label, profile_settings)
 from d2gp.evaluation import evaluate_solver  # noqa: E402
 from d2gp.reports import markdown_table, write_results  # noqa: E402
 from d2gp.tasks import make_task  # noqa: E402
 from d2gp.training import TrainConfig  # noqa: E402
 
-METHODS = {"d2gp": "D2GP", "supervised": "Supervised"}
+METHODS = METHOD_LABELS  # the methods with an NPO to train, and their names in tables
 
 
 def profile_updates(profile: str, task: str) -> int:

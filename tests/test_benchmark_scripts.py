@@ -37,3 +37,16 @@ def test_learning_curves_rejects_unknown_tasks_and_bad_counts_by_name(values, me
     per_task = _script("learning_curves").per_task
     with pytest.raises(SystemExit, match=message):
         per_task(values, ["spc", "mri"], "--updates")
+
+
+def test_every_training_variant_is_a_valid_configuration():
+    from dataclasses import replace
+
+    from d2gp.training import TrainConfig
+
+    variants = _script("d2gp_variants").VARIANTS
+    base = TrainConfig(task="spc")
+    for changes in variants.values():
+        replace(base, **changes).validate()  # raises TrainingError on a bad field or value
+    truncated = replace(base, **variants["truncated-5"])
+    assert (truncated.unroll, truncated.truncate) == ("truncated", 5)
