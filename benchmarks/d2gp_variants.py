@@ -42,8 +42,8 @@ VARIANTS = {
     "supervised-tail-1": {"method": "supervised", "tail": 1},
     "supervised-tail-10": {"method": "supervised", "tail": 10},
     "supervised-tail-20": {"method": "supervised", "tail": 20},
-    # backpropagate through the last 5 of the K iterations only (4x faster CPU step; the loss then
-    # rewards those 5 iterates, not the last 10)
+    # backpropagate through the last 5 of the K iterations only (a cheaper CPU step: 4x at batch 32,
+    # benchmarks/results/training_speed/u-net-default/; the loss then rewards those 5 iterates, not 10)
     "truncated-5": {"unroll": "truncated", "truncate": 5},
 }
 

@@ -68,13 +68,14 @@ def main():
 
     updates_by_task = per_task(args.updates, args.tasks, "--updates")
     val_images_by_task = per_task(args.val_images or [], args.tasks, "--val-images")
+    missing = [task for task, updates in updates_by_task.items() if updates is None]
+    if missing:  # before any training, not after the first task's
+        parser.error(f"--updates gives no value for {', '.join(missing)}")
     rows, results, test_rows = [], {}, []
     out = Path(args.out)
     fig, axes = plt.subplots(1, len(args.tasks), figsize=(5.2 * len(args.tasks), 3.8), squeeze=False)
     for ax, task_name in zip(axes[0], args.tasks):
         updates = updates_by_task[task_name]
-        if updates is None:
-            parser.error(f"--updates gives no value for {task_name}")
         points = [2 ** i for i in range(4, int(math.log2(updates)) + 1)]
         settings = {**profile_settings(args.profile, task_name), "updates": updates, "schedule": "constant",
                     "warmup": args.warmup, "val_points": points, "val_every": updates,
@@ -118,10 +119,10 @@ def main():
             ax.plot(list(curve), list(curve.values()), marker="o", ms=3, label=METHODS[method])
         ax.axhline(baseline, color="k", ls="--", lw=1, label=f"baseline, tuned γ ({baseline:.2f})")
         ax.axhline(teacher, color="g", ls=":", lw=1, label=f"teacher ({teacher:.2f})")
-        for profile, updates in results[task_name]["profiles"].items():
-            if updates <= updates_by_task[task_name]:
-                ax.axvline(updates, color="grey", lw=0.8, alpha=0.6)
-                ax.annotate(profile, (updates, ax.get_ylim()[0]), rotation=90, fontsize=7, va="bottom", ha="right")
+        for profile, at in results[task_name]["profiles"].items():
+            if at <= updates:
+                ax.axvline(at, color="grey", lw=0.8, alpha=0.6)
+                ax.annotate(profile, (at, ax.get_ylim()[0]), rotation=90, fontsize=7, va="bottom", ha="right")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("Adam updates")
         ax.set_ylabel(f"validation PSNR at K = {K} (dB)")

@@ -95,8 +95,8 @@ from d2gp.tuning import CLASSICAL_METHODS, tune_classical
 
 __all__ = ["TrainConfig", "TrainingError", "DEFAULT_NPO", "train", "saved_train_config", "load_npo", "save_npo",
            "shipped_npo_path", "build_preconditioner", "untrained_start", "tune_base", "TeacherTargets", "NPO_FORMAT",
-           "METHODS", "PRECONDITIONERS", "UNROLL_MODES", "SCHEDULES", "DEFAULT_LR", "check_not_diverged", "DIVERGED_DB", "training_step_size",
-           "trained_step_size", "trained_algorithm", "check_task", "check_batch_split"]
+           "METHODS", "PRECONDITIONERS", "UNROLL_MODES", "SCHEDULES", "DEFAULT_LR", "check_not_diverged", "DIVERGED_DB",
+           "training_step_size", "trained_step_size", "trained_algorithm", "check_task", "check_batch_split"]
 
 _STATE_FORMAT = "d2gp-npo-training"
 METHODS = ("d2gp", "supervised", "objective")
