@@ -30,7 +30,7 @@ import torch  # noqa: E402
 from d2gp.apps import (HORIZONS, METHOD_LABELS, PROFILES, ensure_trained, evaluate_runs,  # noqa: E402
                        horizon_label, profile_settings)
 from d2gp.evaluation import evaluate_solver  # noqa: E402
-from d2gp.reports import markdown_table, write_results  # noqa: E402
+from d2gp.reports import gain_rows, markdown_table, write_results  # noqa: E402
 from d2gp.tasks import make_task  # noqa: E402
 from d2gp.training import TrainConfig  # noqa: E402
 
@@ -102,7 +102,7 @@ def main():
             evaluation = evaluate_runs(run_dirs, limit=args.test_images, restart=restart, device=args.device,
                                        out=out / task_name / f"test-{host}", progress=False)
             results[task_name][f"test_{host}"] = evaluation["results"]
-            test_rows += _gain_rows(task_name, host, evaluation["results"])
+            test_rows += gain_rows(evaluation["results"], task_name, host)
         # The curve's baseline line: the plain evaluation tuned γ on these validation images at K.
         tuning_record = results[task_name]["test_plain"]["baseline_step_tuning"]
         tuned, tuning = tuning_record["chosen"], tuning_record["val_psnr_by_step"]
@@ -158,17 +158,6 @@ def _positive(value: str, option: str) -> int:
     if not value.isdigit() or int(value) < 1:
         raise SystemExit(f"{option}: {value!r} is not a positive whole number (give N, or TASK=N per task)")
     return int(value)
-
-
-def _gain_rows(task: str, host: str, results: dict) -> list[list]:
-    """One row per method of an :func:`evaluate_runs` result: PSNR at each horizon and its gain
-    over the tuned baseline (the first method)."""
-    horizons = results["horizons"]
-    psnr = {m["label"]: [m["psnr"][k][0] for k in horizons] for m in results["methods"]}
-    baseline = psnr[results["methods"][0]["label"]]
-    return [[task, host, label, *(f"{v:.2f}" for v in values),
-             *(("—" if i == 0 else f"{v - b:+.2f}") for v, b in zip(values, baseline))]
-            for i, (label, values) in enumerate(psnr.items())]
 
 
 def _read_log(path: Path) -> list[dict]:

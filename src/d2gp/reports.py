@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 from d2gp.checkpoints import atomic_write_text, write_json
 
-__all__ = ["markdown_table", "write_table", "write_results", "environment", "cpu_model"]
+__all__ = ["markdown_table", "write_table", "write_results", "environment", "cpu_model", "gain_rows"]
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -21,6 +21,21 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(map(str, row)) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def gain_rows(results: dict, *leading: Any) -> list[list]:
+    """One row per method of an evaluation's results (``d2gp evaluate``'s ``results.json``,
+    :func:`d2gp.apps.evaluate_runs`): the ``leading`` cells, the method, its mean PSNR at each
+    horizon, then its gain over the tuned baseline (the first method; "—" on its own row)."""
+    def mean_at(method: dict, k: int) -> float:  # iteration keys are ints in memory, strings read back from JSON
+        return (method["psnr"][k] if k in method["psnr"] else method["psnr"][str(k)])[0]
+
+    horizons = results["horizons"]
+    psnr = {m["label"]: [mean_at(m, k) for k in horizons] for m in results["methods"]}
+    baseline = psnr[results["methods"][0]["label"]]
+    return [[*leading, label, *(f"{v:.2f}" for v in values),
+             *(("—" if i == 0 else f"{v - b:+.2f}") for v, b in zip(values, baseline))]
+            for i, (label, values) in enumerate(psnr.items())]
 
 
 def write_table(header: Sequence[str], rows: Sequence[Sequence[Any]], stem: str | os.PathLike) -> None:

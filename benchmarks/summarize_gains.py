@@ -1,0 +1,51 @@
+"""One table of gains over the tuned baseline at K / 2K / 5K from several ``d2gp evaluate`` folders
+(their ``results.json``), e.g. the three tasks of ``benchmarks/cpu_profile.sh``::
+
+    python benchmarks/summarize_gains.py benchmarks/results/cpu_profile/{spc,mri,sr} \\
+        --out benchmarks/results/cpu_profile/gains.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from d2gp.apps import horizon_label
+from d2gp.checkpoints import atomic_write_text
+from d2gp.reports import gain_rows, markdown_table
+
+
+def gains_table(folders: list[Path]) -> str:
+    """The Markdown table: per folder (task, host), one row per method with its PSNR and gain at each horizon."""
+    rows, horizons = [], None
+    for folder in folders:
+        path = Path(folder) / "results.json"
+        if not path.is_file():
+            raise SystemExit(f"{path}: not found (is {folder} a `d2gp evaluate` output folder?)")
+        results = json.loads(path.read_text())
+        ks = results["horizons"]
+        if horizons is not None and [k // ks[0] for k in ks] != [k // horizons[0] for k in horizons]:
+            raise SystemExit(f"{path}: horizons {ks} are not the same multiples of K as {horizons}")
+        horizons = horizons or ks
+        host = f"{results['algorithm']}{', restart' if results.get('restart') else ''}"
+        rows += gain_rows(results, results["task"], f"{host}, {results['images']} {results['split']} images")
+    labels = [horizon_label(k // horizons[0]) for k in horizons]
+    header = ["task", "host, images", "method", *(f"PSNR {h} (dB)" for h in labels), *(f"gain {h} (dB)" for h in labels)]
+    return markdown_table(header, rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("folders", nargs="+", type=Path, help="`d2gp evaluate` output folders")
+    parser.add_argument("--out", type=Path, help="write the table here too (Markdown)")
+    args = parser.parse_args()
+    table = gains_table(args.folders)
+    print(table)
+    if args.out:
+        atomic_write_text("Gains over the tuned baseline (method − baseline, mean over the images):\n\n"
+                          f"{table}\n", args.out)
+
+
+if __name__ == "__main__":
+    main()
