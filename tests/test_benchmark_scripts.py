@@ -50,3 +50,65 @@ def test_every_training_variant_is_a_valid_configuration():
         replace(base, **changes).validate()  # raises TrainingError on a bad field or value
     truncated = replace(base, **variants["truncated-5"])
     assert (truncated.unroll, truncated.truncate) == ("truncated", 5)
+
+
+def test_cpu_profile_script_trains_both_methods_on_every_task_then_evaluates_each_pair(tmp_path):
+    """benchmarks/cpu_profile.sh with a stand-in ``d2gp`` that records its arguments: six 1-thread
+    trainings with the cpu profile (two lanes), then one 2-thread evaluation per task."""
+    import subprocess
+
+    calls = tmp_path / "calls.txt"
+    stub = tmp_path / "d2gp"
+    stub.write_text(f"#!/usr/bin/env bash\necho \"$*\" >> {calls}\n")
+    stub.chmod(0o755)
+    out = tmp_path / "out"
+    env = {"PATH": "/usr/bin:/bin", "D2GP": str(stub), "PYTHON": str(stub), "RUNS": str(tmp_path / "runs"),
+           "OUT": str(out)}
+    subprocess.run(["bash", str(ROOT / "benchmarks" / "cpu_profile.sh")], env=env, check=True)
+    lines = calls.read_text().splitlines()
+    trainings = sorted(line for line in lines if " train " in line)
+    runs = tmp_path / "runs"
+    assert trainings == sorted(f"--threads 1 train --task {task} --profile cpu --method {method} --device cpu "
+                               f"--out {runs}/{task}/{method}" for task in ("spc", "mri", "sr")
+                               for method in ("d2gp", "supervised"))
+    evaluations = [line for line in lines if " evaluate " in line]
+    assert evaluations == [f"--threads 2 evaluate {runs}/{task}/d2gp {runs}/{task}/supervised --split test{limit} "
+                           f"--device cpu --out {out}/{task}"
+                           for task, limit in (("spc", " --limit 200"), ("mri", ""), ("sr", ""))]
+    assert lines.index(evaluations[0]) == 6  # after every training
+    assert lines[-1] == f"benchmarks/summarize_gains.py {out}/spc {out}/mri {out}/sr --out {out}/gains.md"
+    assert (out / "training_wall.txt").read_text().startswith("training phase: ")
+
+
+def _evaluation(task: str, psnr_by_method: dict, keys=int) -> dict:
+    return {"task": task, "algorithm": "fista", "restart": True, "images": 3, "split": "test", "horizons": [2, 4, 10],
+            "methods": [{"label": label, "psnr": {keys(k): [v, 0.5] for k, v in zip((2, 4, 10), values)}}
+                        for label, values in psnr_by_method.items()]}
+
+
+def test_gain_rows_subtract_the_first_method_at_every_horizon_whether_read_from_json_or_not():
+    from d2gp.reports import gain_rows
+
+    results = _evaluation("spc", {"student baseline": [20.0, 21.0, 19.5], "D2GP": [21.25, 20.5, 19.5]})
+    expected = [["spc", "student baseline", "20.00", "21.00", "19.50", "—", "—", "—"],
+                ["spc", "D2GP", "21.25", "20.50", "19.50", "+1.25", "-0.50", "+0.00"]]
+    assert gain_rows(results, "spc") == expected
+    assert gain_rows(_evaluation("spc", {"student baseline": [20.0, 21.0, 19.5], "D2GP": [21.25, 20.5, 19.5]},
+                                 keys=str), "spc") == expected
+
+
+def test_summarize_gains_puts_several_evaluations_in_one_table_and_names_a_missing_one(tmp_path):
+    import json
+
+    gains_table = _script("summarize_gains").gains_table
+    for task in ("spc", "mri"):
+        (tmp_path / task).mkdir()
+        (tmp_path / task / "results.json").write_text(json.dumps(
+            _evaluation(task, {"student baseline": [20.0, 21.0, 19.5], "Supervised": [20.5, 21.0, 20.0]}, keys=str)))
+    lines = gains_table([tmp_path / "spc", tmp_path / "mri"]).splitlines()
+    assert lines[0] == ("| task | host, images | method | PSNR K (dB) | PSNR 2K (dB) | PSNR 5K (dB) | gain K (dB) | "
+                        "gain 2K (dB) | gain 5K (dB) |")
+    assert lines[3] == "| spc | fista, restart, 3 test images | Supervised | 20.50 | 21.00 | 20.00 | +0.50 | +0.00 | +0.50 |"
+    assert [line.split(" | ")[0] for line in lines[2:]] == ["| spc", "| spc", "| mri", "| mri"]
+    with pytest.raises(SystemExit, match="sr/results.json: not found"):
+        gains_table([tmp_path / "spc", tmp_path / "sr"])
