@@ -11,14 +11,17 @@
 # `/usr/bin/time -v -o $OUT/time.txt` for the whole call's time and memory.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+SEED=${SEED:-0}
+TASKS=${TASKS:-spc mri sr}  # a subset, e.g. another seed on one task: SEED=1 TASKS=mri OUT=... RUNS=...
 RUNS=${RUNS:-runs/cpu_profile}
 OUT=${OUT:-benchmarks/results/cpu_profile}
 D2GP=${D2GP:-d2gp}
 PYTHON=${PYTHON:-python}
 mkdir -p "$RUNS" "$OUT"
 lane() {  # method: its three trainings, one after the other, on one thread
-  for task in spc mri sr; do
-    "$D2GP" --threads 1 train --task "$task" --profile cpu --method "$1" --device cpu --out "$RUNS/$task/$1"
+  for task in $TASKS; do
+    "$D2GP" --threads 1 train --task "$task" --profile cpu --method "$1" --seed "$SEED" --device cpu \
+      --out "$RUNS/$task/$1"
   done
 }
 start=$(date +%s)
@@ -29,13 +32,14 @@ second=$!
 wait $first
 wait $second
 end=$(date +%s)
-printf 'training phase: %d s wall (%.1f min), both methods, three tasks, two 1-thread processes; %s; %s\n' \
-  $((end - start)) "$(awk "BEGIN {print ($end - $start) / 60}")" "$(date -u +%Y-%m-%dT%H:%MZ)" \
+printf 'training phase: %d s wall (%.1f min), both methods, tasks %s, seed %s, two 1-thread processes; %s; %s\n' \
+  $((end - start)) "$(awk "BEGIN {print ($end - $start) / 60}")" "$TASKS" "$SEED" "$(date -u +%Y-%m-%dT%H:%MZ)" \
   "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores" > "$OUT/training_wall.txt"
 declare -A LIMIT=([spc]="--limit 200" [mri]="" [sr]="")
-for task in spc mri sr; do
+for task in $TASKS; do
   # shellcheck disable=SC2086
   "$D2GP" --threads 2 evaluate "$RUNS/$task/d2gp" "$RUNS/$task/supervised" --split test ${LIMIT[$task]} \
     --device cpu --out "$OUT/$task"
 done
-"$PYTHON" benchmarks/summarize_gains.py "$OUT/spc" "$OUT/mri" "$OUT/sr" --out "$OUT/gains.md"
+# shellcheck disable=SC2046
+"$PYTHON" benchmarks/summarize_gains.py $(for task in $TASKS; do echo "$OUT/$task"; done) --out "$OUT/gains.md"

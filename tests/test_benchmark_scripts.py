@@ -68,7 +68,7 @@ def test_cpu_profile_script_trains_both_methods_on_every_task_then_evaluates_eac
     lines = calls.read_text().splitlines()
     trainings = sorted(line for line in lines if " train " in line)
     runs = tmp_path / "runs"
-    assert trainings == sorted(f"--threads 1 train --task {task} --profile cpu --method {method} --device cpu "
+    assert trainings == sorted(f"--threads 1 train --task {task} --profile cpu --method {method} --seed 0 --device cpu "
                                f"--out {runs}/{task}/{method}" for task in ("spc", "mri", "sr")
                                for method in ("d2gp", "supervised"))
     evaluations = [line for line in lines if " evaluate " in line]
@@ -78,6 +78,15 @@ def test_cpu_profile_script_trains_both_methods_on_every_task_then_evaluates_eac
     assert lines.index(evaluations[0]) == 6  # after every training
     assert lines[-1] == f"benchmarks/summarize_gains.py {out}/spc {out}/mri {out}/sr --out {out}/gains.md"
     assert (out / "training_wall.txt").read_text().startswith("training phase: ")
+    # another seed on a subset of the tasks
+    calls.unlink()
+    subprocess.run(["bash", str(ROOT / "benchmarks" / "cpu_profile.sh")], env={**env, "SEED": "1", "TASKS": "mri"},
+                   check=True)
+    lines = calls.read_text().splitlines()
+    assert sorted(lines[:2]) == [f"--threads 1 train --task mri --profile cpu --method {method} --seed 1 --device cpu "
+                                 f"--out {runs}/mri/{method}" for method in ("d2gp", "supervised")]
+    assert lines[2:] == [f"--threads 2 evaluate {runs}/mri/d2gp {runs}/mri/supervised --split test --device cpu "
+                         f"--out {out}/mri", f"benchmarks/summarize_gains.py {out}/mri --out {out}/gains.md"]
 
 
 def _evaluation(task: str, psnr_by_method: dict, keys=int) -> dict:
