@@ -18,7 +18,7 @@ OUT=${OUT:-benchmarks/results/cpu_profile}
 D2GP=${D2GP:-d2gp}
 PYTHON=${PYTHON:-python}
 mkdir -p "$RUNS" "$OUT"
-lane() {  # method: its three trainings, one after the other, on one thread
+lane() {  # method: its trainings (one per task), one after the other, on one thread
   for task in $TASKS; do
     "$D2GP" --threads 1 train --task "$task" --profile cpu --method "$1" --seed "$SEED" --device cpu \
       --out "$RUNS/$task/$1"

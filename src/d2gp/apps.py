@@ -44,7 +44,8 @@ __all__ = ["add_budget_arguments", "evaluate_runs", "evaluation_dir", "check_hos
 #:
 #: All of them keep :class:`~d2gp.training.TrainConfig`'s defaults for what keeps a learned
 #: preconditioner stable past K (``benchmarks/results/stability``): the loss over the last 10
-#: iterates (``tail``), cosine decay after the warm-up, gradient clipping.
+#: iterates (``tail``; ``cpu``: the 5 its truncated unroll backpropagates through), cosine decay
+#: after the warm-up, gradient clipping.
 PROFILES = {
     "quick": dict(train_images=2000, val_images=32, batch_size=8, updates=120, val_every=40, warmup=10),
     "cpu": dict(train_images=None, val_images=64, batch_size=8, updates=1500, val_every=100, warmup=30,
