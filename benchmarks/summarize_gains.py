@@ -18,19 +18,20 @@ from d2gp.reports import gain_rows, markdown_table
 
 def gains_table(folders: list[Path]) -> str:
     """The Markdown table: per folder (task, host), one row per method with its PSNR and gain at each horizon."""
-    rows, horizons = [], None
+    rows, multiples = [], None  # the horizons as multiples of K (1, 2, 5): one header for every folder
     for folder in folders:
         path = Path(folder) / "results.json"
         if not path.is_file():
             raise SystemExit(f"{path}: not found (is {folder} a `d2gp evaluate` output folder?)")
         results = json.loads(path.read_text())
         ks = results["horizons"]
-        if horizons is not None and [k // ks[0] for k in ks] != [k // horizons[0] for k in horizons]:
-            raise SystemExit(f"{path}: horizons {ks} are not the same multiples of K as {horizons}")
-        horizons = horizons or ks
+        these = [k // ks[0] for k in ks]
+        if multiples not in (None, these):
+            raise SystemExit(f"{path}: horizons {ks} are not the multiples {multiples} of K of the folders before it")
+        multiples = these
         host = f"{results['algorithm']}{', restart' if results.get('restart') else ''}"
         rows += gain_rows(results, results["task"], f"{host}, {results['images']} {results['split']} images")
-    labels = [horizon_label(k // horizons[0]) for k in horizons]
+    labels = [horizon_label(m) for m in multiples]
     header = ["task", "host, images", "method", *(f"PSNR {h} (dB)" for h in labels), *(f"gain {h} (dB)" for h in labels)]
     return markdown_table(header, rows)
 
