@@ -45,6 +45,7 @@ VARIANTS = {
     # backpropagate through the last 5 of the K iterations only (a cheaper CPU step: 4x at batch 32,
     # benchmarks/results/training_speed/u-net-default/; the loss then rewards those 5 iterates, not 10)
     "truncated-5": {"unroll": "truncated", "truncate": 5},
+    "truncated-3": {"unroll": "truncated", "truncate": 3},
 }
 
 
