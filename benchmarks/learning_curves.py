@@ -14,6 +14,10 @@ against the tuned baseline and the teacher (:func:`d2gp.apps.evaluate_runs`), in
 ``TASK/test-restart/``, summarised in ``test.md`` as gains over the tuned baseline.
 
     python benchmarks/learning_curves.py --tasks spc mri --updates 4096 --out benchmarks/results/learning_curves
+
+Finished runs in ``--runs`` are reused; called again with more ``--updates``, the script extends
+them (``d2gp train --resume``: a constant-rate run continued is the longer run, bit for bit), so a
+curve grows without retraining its first updates.
 """
 
 import argparse

@@ -109,6 +109,35 @@ def test_resume_with_other_settings_is_refused(tiny, tmp_path):
         _train(tiny, _config(tiny, epochs=1, lr=1e-2), tmp_path / "run", resume=True)
 
 
+def test_a_finished_constant_rate_run_extends_to_exactly_the_longer_run(tiny, tmp_path):
+    """--resume with more --updates continues a finished run (constant learning rate): the weights
+    equal those of a run trained for the larger count from the start, bit for bit, and the log
+    keeps the first run's rows; the config and summary say the new count."""
+    long = _config(tiny, updates=6, val_every=2, schedule="constant", warmup=2)
+    _train(tiny, long, tmp_path / "straight")
+    short = _config(tiny, updates=3, val_every=2, schedule="constant", warmup=2)
+    _train(tiny, short, tmp_path / "extended")
+    summary = _train(tiny, long, tmp_path / "extended", resume=True)
+    a = load_checkpoint(tmp_path / "straight" / "last.pt")["state_dict"]
+    b = load_checkpoint(tmp_path / "extended" / "last.pt")["state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rows = (tmp_path / "extended" / "log.csv").read_text().splitlines()[1:]
+    assert [int(row.split(",")[0]) for row in rows] == [2, 3, 4, 6]  # 3: where the first run ended
+    assert summary["updates"] == 6
+    assert json.loads((tmp_path / "extended" / "config.json").read_text())["train"]["updates"] == 6
+
+
+@pytest.mark.parametrize("first, then, message", [
+    (dict(updates=3, schedule="cosine"), dict(updates=6, schedule="cosine"), "cosine learning-rate schedule"),
+    (dict(updates=4, schedule="constant"), dict(updates=3, schedule="constant"), "extended, not shortened"),
+    (dict(updates=3, schedule="constant"), dict(updates=6, schedule="constant", lr=1e-2), "differs in lr, updates$"),
+])
+def test_runs_that_cannot_be_extended_exactly_are_refused_with_the_reason(tiny, tmp_path, first, then, message):
+    _train(tiny, _config(tiny, warmup=1, **first), tmp_path / "run")
+    with pytest.raises(TrainingError, match=message):
+        _train(tiny, _config(tiny, warmup=1, **then), tmp_path / "run", resume=True)
+
+
 def test_nan_loss_stops_with_last_checkpoint_intact(tiny, tmp_path, monkeypatch):
     original = training._loss
     calls = {"n": 0}

@@ -491,7 +491,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_task_arguments(p)
     _add_train_arguments(p)
     p.add_argument("--out", default=None, help="run directory (default runs/TASK-METHOD-seedSEED)")
-    p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the interrupted run in --out (same settings), or extend a finished one trained "
+                        "with --schedule constant to more --updates")
     _add_device_argument(p)
     p.set_defaults(func=cmd_train)
 

@@ -504,7 +504,32 @@ def _check_run_dir(run_dir: Path, config: TrainConfig, resume: bool) -> None:
         previous, current = saved_train_config(run_dir), config.to_json_dict()
         if previous != current:
             changed = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
-            raise TrainingError(f"cannot resume {run_dir}: its configuration differs in {', '.join(changed)}")
+            why = _extension_refused(previous, current, changed)
+            if why is not None:
+                raise TrainingError(f"cannot resume {run_dir}: its configuration differs in {', '.join(changed)}{why}")
+
+
+#: What a resumed run may change: the number of updates (a longer run) and when it validates.
+EXTENSIBLE = frozenset({"updates", "val_every", "val_points"})
+
+
+def _extension_refused(previous: dict, current: dict, changed: list[str]) -> str | None:
+    """``None`` when ``current`` extends the run of ``previous`` (saved configurations): only
+    :data:`EXTENSIBLE` fields differ, both count ``updates``, the new count is larger and the
+    learning rate does not depend on it (``schedule="constant"``: every update already made got the
+    rate a run of the new length gives it, and validation draws no training randomness, so the
+    extended run is the longer run, validated at more points). Otherwise the reason (appended to
+    the refusal), or ``""`` when other settings differ."""
+    if not set(changed) <= EXTENSIBLE or "updates" not in changed:
+        return ""
+    if not previous["updates"] or not current["updates"]:
+        return " (a run extends by --updates, and both runs must count updates, not epochs)"
+    if current["updates"] < previous["updates"]:
+        return f" (it was set to {previous['updates']} updates: a run can be extended, not shortened)"
+    if previous["schedule"] != "constant":
+        return (f" (its {previous['schedule']} learning-rate schedule depends on the number of updates, so only a "
+                f"run with --schedule constant can be extended; train a new run instead)")
+    return None
 
 
 def _write_log(history: list[dict], path: Path) -> None:
