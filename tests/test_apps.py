@@ -136,11 +136,13 @@ def test_profiles_are_per_task():
         for task in ("spc", "mri", "sr"):
             config = TrainConfig(task=task, **profile_settings(name, task))
             config.validate()
-            # the last 10 iterates, or as many as a truncated unroll backpropagates through (cpu: 5)
+            # the last 10 iterates, or as many as a truncated unroll backpropagates through (cpu: 3)
             assert config.loss_tail == (config.truncate if config.unroll == "truncated" else 10)
             assert config.schedule == "cosine" and config.grad_clip
     # the cpu profile's budgets (issue #9): at least 1 500 updates on SPC and 500 on MRI and SR
     assert [profile_settings("cpu", task)["updates"] for task in ("spc", "mri", "sr")] == [1500, 500, 500]
+    # backpropagated through the last 3 iterations, SR the last 5 (the last 3 cost it PSNR: README)
+    assert [profile_settings("cpu", task)["truncate"] for task in ("spc", "mri", "sr")] == [3, 3, 5]
     with pytest.raises(CheckpointError, match="unknown profile 'huge'"):
         profile_settings("huge", "spc")
 

@@ -54,7 +54,8 @@ def test_every_training_variant_is_a_valid_configuration():
 
 def test_cpu_profile_script_trains_both_methods_on_every_task_then_evaluates_each_pair(tmp_path):
     """benchmarks/cpu_profile.sh with a stand-in ``d2gp`` that records its arguments: six 1-thread
-    trainings with the cpu profile (two lanes), then one 2-thread evaluation per task."""
+    trainings with the cpu profile (a queue served by two workers), then one 2-thread evaluation
+    per task; each training's start and end in jobs.txt."""
     import subprocess
 
     calls = tmp_path / "calls.txt"
@@ -78,6 +79,11 @@ def test_cpu_profile_script_trains_both_methods_on_every_task_then_evaluates_eac
     assert lines.index(evaluations[0]) == 6  # after every training
     assert lines[-1] == f"benchmarks/summarize_gains.py {out}/spc {out}/mri {out}/sr --out {out}/gains.md"
     assert (out / "training_wall.txt").read_text().startswith("training phase: ")
+    jobs = [line.split() for line in (out / "jobs.txt").read_text().splitlines()]
+    assert sorted(job[:2] for job in jobs) == sorted([task, method] for task in ("spc", "mri", "sr")
+                                                     for method in ("d2gp", "supervised"))
+    assert all(int(began) <= int(ended) for *_, began, ended in jobs)
+    assert (runs / "sr" / "d2gp.log").is_file()
     # another seed on a subset of the tasks
     calls.unlink()
     subprocess.run(["bash", str(ROOT / "benchmarks" / "cpu_profile.sh")], env={**env, "SEED": "1", "TASKS": "mri"},
@@ -87,6 +93,27 @@ def test_cpu_profile_script_trains_both_methods_on_every_task_then_evaluates_eac
                                  f"--out {runs}/mri/{method}" for method in ("d2gp", "supervised")]
     assert lines[2:] == [f"--threads 2 evaluate {runs}/mri/d2gp {runs}/mri/supervised --split test --device cpu "
                          f"--out {out}/mri", f"benchmarks/summarize_gains.py {out}/mri --out {out}/gains.md"]
+
+
+def test_cpu_profile_script_stops_when_a_training_fails_and_names_its_log(tmp_path):
+    """A training that fails (here SR's Supervised run) ends the script with an error that names
+    its log, before any evaluation; the other trainings still finish."""
+    import subprocess
+
+    calls = tmp_path / "calls.txt"
+    stub = tmp_path / "d2gp"
+    stub.write_text(f"#!/usr/bin/env bash\necho \"$*\" >> {calls}\n"
+                    "[[ \"$*\" == *'--task sr --profile cpu --method supervised'* ]] && exit 3\nexit 0\n")
+    stub.chmod(0o755)
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    env = {"PATH": "/usr/bin:/bin", "D2GP": str(stub), "PYTHON": str(stub), "RUNS": str(runs), "OUT": str(out)}
+    result = subprocess.run(["bash", str(ROOT / "benchmarks" / "cpu_profile.sh")], env=env, capture_output=True,
+                            text=True)
+    assert result.returncode != 0
+    assert f"training sr supervised failed: see {runs}/sr/supervised.log" in result.stderr
+    lines = calls.read_text().splitlines()
+    assert len(lines) == 6 and not any(" evaluate " in line for line in lines)
+    assert not (out / "training_wall.txt").exists()
 
 
 def _evaluation(task: str, psnr_by_method: dict, keys=int) -> dict:
