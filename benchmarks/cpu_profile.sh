@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The `cpu` profile run whole, as a laptop user would: D2GP and Supervised NPOs on SPC, MRI and SR
 # (SPC 1 500 updates of 8 digits, MRI and SR 500 of 4; truncated backpropagation through the last
-# 5 iterations; src/d2gp/apps.py's PROFILES). The six trainings run on two 1-thread workers (below);
-# the wall time of that phase goes to $OUT/training_wall.txt, each run's start and end to
-# $OUT/jobs.txt (its seconds per update to its summary.json). Then `d2gp evaluate`
+# 3 iterations, on SR the last 5; src/d2gp/apps.py's PROFILES). The six trainings run on two 1-thread
+# workers (below); the wall time of that phase goes to $OUT/training_wall.txt, each run's start and
+# end to $OUT/jobs.txt (its seconds per update to its summary.json), its log without the progress
+# bars' redraws to $OUT/logs/<task>-<method>.txt. Then `d2gp evaluate`
 # scores each task's pair on the test split (the first 200 SPC digits, all MRI slices and SR crops)
 # against the tuned baseline and the teacher at K / 2K / 5K, with restart (its default):
 # $OUT/<task>/table.md, and benchmarks/summarize_gains.py puts the gains in one table, $OUT/gains.md.
@@ -17,7 +18,7 @@ RUNS=${RUNS:-runs/cpu_profile}
 OUT=${OUT:-benchmarks/results/cpu_profile}
 D2GP=${D2GP:-d2gp}
 PYTHON=${PYTHON:-python}
-mkdir -p "$RUNS" "$OUT"
+mkdir -p "$RUNS" "$OUT/logs"
 # The six trainings as a queue served by two 1-thread workers (xargs -P 2), longest first, so that
 # neither core idles while the other still has two runs to go (in the run of 2026-11-27, two fixed
 # lanes of one method each left a core idle for the last 12 minutes). The order is that of the
@@ -31,8 +32,17 @@ train_one() {  # task method: one training on one thread, its output to $RUNS/<t
   "$D2GP" --threads 1 train --task "$1" --profile cpu --method "$2" --seed "$SEED" --device cpu \
     --out "$RUNS/$1/$2" > "$RUNS/$1/$2.log" 2>&1 || { echo "training $1 $2 failed: see $RUNS/$1/$2.log" >&2; return 1; }
   echo "$1 $2 $began $(date +%s)" >> "$OUT/jobs.txt"
+  tidy_log < "$RUNS/$1/$2.log" > "$OUT/logs/$1-$2.txt"
 }
-export -f train_one
+tidy_log() {  # a log's messages and each progress bar's last state (tqdm redraws a bar after a \r)
+  tr '\r' '\n' | awk '{ gsub(/^[ \t]+|[ \t]+$/, "") }
+    /^.*: +[0-9]+%\|/ { key = $0; sub(/: +[0-9]+%\|.*/, "", key)
+                         if (bar != "" && key != barkey) print bar
+                         bar = $0; barkey = key; next }
+    NF { if (bar != "") print bar; bar = ""; print }
+    END { if (bar != "") print bar }'
+}
+export -f train_one tidy_log
 export D2GP SEED RUNS OUT
 : > "$OUT/jobs.txt"  # task, method, start and end (seconds since the epoch) of each training
 start=$(date +%s)

@@ -116,6 +116,25 @@ def test_cpu_profile_script_stops_when_a_training_fails_and_names_its_log(tmp_pa
     assert not (out / "training_wall.txt").exists()
 
 
+def test_cpu_profile_script_keeps_each_log_without_the_progress_bars_redraws(tmp_path):
+    """Each training's log goes to OUT/logs/<task>-<method>.txt with its messages and every progress
+    bar's last state only (tqdm redraws a bar after a carriage return)."""
+    import subprocess
+
+    stub = tmp_path / "d2gp"
+    stub.write_text("#!/usr/bin/env bash\n[[ \"$*\" == *' train '* ]] || exit 0\n"
+                    "printf 'starting\\nteacher targets:  50%%|#  | 1/2\\rteacher targets: 100%%|## | 2/2\\n"
+                    "   \\r  d2gp spc:  10%%|  | 1/9\\r  d2gp spc: 100%%|##| 9/9  \\n\\ndone\\n'\n")
+    stub.chmod(0o755)
+    out = tmp_path / "out"
+    env = {"PATH": "/usr/bin:/bin", "D2GP": str(stub), "PYTHON": str(stub), "RUNS": str(tmp_path / "runs"),
+           "OUT": str(out), "TASKS": "spc"}
+    subprocess.run(["bash", str(ROOT / "benchmarks" / "cpu_profile.sh")], env=env, check=True)
+    assert (out / "logs" / "spc-d2gp.txt").read_text().splitlines() == [
+        "starting", "teacher targets: 100%|## | 2/2", "d2gp spc: 100%|##| 9/9", "done"]
+    assert (tmp_path / "runs" / "spc" / "d2gp.log").read_bytes().count(b"\r") == 3  # the raw log is kept
+
+
 def _evaluation(task: str, psnr_by_method: dict, keys=int) -> dict:
     return {"task": task, "algorithm": "fista", "restart": True, "images": 3, "split": "test", "horizons": [2, 4, 10],
             "methods": [{"label": label, "psnr": {keys(k): [v, 0.5] for k, v in zip((2, 4, 10), values)}}
