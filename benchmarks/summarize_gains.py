@@ -8,11 +8,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from d2gp.apps import horizon_label
-from d2gp.checkpoints import atomic_write_text
+from d2gp.checkpoints import CheckpointError, atomic_write_text, read_json
 from d2gp.reports import gain_rows, markdown_table
 
 
@@ -23,7 +22,10 @@ def gains_table(folders: list[Path]) -> str:
         path = Path(folder) / "results.json"
         if not path.is_file():
             raise SystemExit(f"{path}: not found (is {folder} a `d2gp evaluate` output folder?)")
-        results = json.loads(path.read_text())
+        try:
+            results = read_json(path, "evaluation results")
+        except CheckpointError as error:  # corrupt, or not a JSON object
+            raise SystemExit(str(error)) from None
         ks = results["horizons"]
         these = [k // ks[0] for k in ks]
         if multiples not in (None, these):

@@ -135,6 +135,13 @@ def test_cpu_profile_script_keeps_each_log_without_the_progress_bars_redraws(tmp
     assert (tmp_path / "runs" / "spc" / "d2gp.log").read_bytes().count(b"\r") == 3  # the raw log is kept
 
 
+def test_summarize_gains_names_a_corrupt_evaluation(tmp_path):
+    (tmp_path / "spc").mkdir()
+    (tmp_path / "spc" / "results.json").write_text("{not json")
+    with pytest.raises(SystemExit, match="evaluation results .*spc/results.json is corrupt or not JSON"):
+        _script("summarize_gains").gains_table([tmp_path / "spc"])
+
+
 def _evaluation(task: str, psnr_by_method: dict, keys=int) -> dict:
     return {"task": task, "algorithm": "fista", "restart": True, "images": 3, "split": "test", "horizons": [2, 4, 10],
             "methods": [{"label": label, "psnr": {keys(k): [v, 0.5] for k, v in zip((2, 4, 10), values)}}
