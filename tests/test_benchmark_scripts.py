@@ -135,6 +135,70 @@ def test_cpu_profile_script_keeps_each_log_without_the_progress_bars_redraws(tmp
     assert (tmp_path / "runs" / "spc" / "d2gp.log").read_bytes().count(b"\r") == 3  # the raw log is kept
 
 
+def test_paper_profile_script_trains_six_at_once_on_the_gpu_with_cuda_graphs(tmp_path):
+    """benchmarks/paper_profile.sh: the paper profile's six trainings at once on cuda, 2 threads each,
+    replaying their updates as CUDA graphs; PHASES=train stops before evaluating."""
+    import subprocess
+
+    calls = tmp_path / "calls.txt"
+    stub = tmp_path / "d2gp"
+    stub.write_text(f"#!/usr/bin/env bash\necho \"$*\" >> {calls}\n")
+    stub.chmod(0o755)
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    env = {"PATH": "/usr/bin:/bin", "D2GP": str(stub), "PYTHON": "/bin/false", "RUNS": str(runs), "OUT": str(out),
+           "PHASES": "train"}
+    subprocess.run(["bash", str(ROOT / "benchmarks" / "paper_profile.sh")], env=env, check=True)
+    assert sorted(calls.read_text().splitlines()) == sorted(
+        f"--threads 2 train --task {task} --profile paper --method {method} --seed 0 --device cuda --cuda-graph "
+        f"--out {runs}/{task}/{method}" for task in ("spc", "mri", "sr") for method in ("d2gp", "supervised"))
+    assert "6 workers of 2 threads on cuda" in (out / "training_wall.txt").read_text()
+    assert not (out / "gains.md").exists()
+
+
+def test_profile_script_retries_a_failed_captured_training_eagerly_and_marks_runs_stopped_by_the_deadline(tmp_path):
+    """A training that fails with --cuda-graph (or --compile) runs again without it (the failed log
+    kept); one still running at DEADLINE is stopped and marked "stopped" in jobs.txt, and the script
+    goes on."""
+    import subprocess
+    import time
+
+    calls = tmp_path / "calls.txt"
+    stub = tmp_path / "d2gp"
+    stub.write_text(f"#!/usr/bin/env bash\necho \"$*\" >> {calls}\n"
+                    "[[ \"$*\" == *'--task spc'*'--cuda-graph'* ]] && { echo 'capture broke'; exit 1; }\n"
+                    "[[ \"$*\" == *'--task sr --profile paper --method d2gp'* ]] && exec sleep 30\nexit 0\n")
+    stub.chmod(0o755)
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    env = {"PATH": "/usr/bin:/bin", "D2GP": str(stub), "PYTHON": "/bin/false", "RUNS": str(runs), "OUT": str(out),
+           "PHASES": "train", "TASKS": "spc sr", "DEADLINE": str(int(time.time()) + 3),
+           "TRAIN_ARGS_sr": "--compile"}
+    began = time.monotonic()
+    result = subprocess.run(["bash", str(ROOT / "benchmarks" / "paper_profile.sh")], env=env, capture_output=True,
+                            text=True, check=True)
+    assert time.monotonic() - began < 20  # the sleeping training was stopped at the deadline
+    lines = calls.read_text().splitlines()
+    for method in ("d2gp", "supervised"):
+        assert f"training spc {method} failed with --cuda-graph: again eagerly" in result.stderr
+        assert f"--threads 2 train --task spc --profile paper --method {method} --seed 0 --device cuda " \
+               f"--out {runs}/spc/{method}" in lines
+        assert (runs / "spc" / f"{method}.capture-failed.log").read_text() == "capture broke\n"
+    jobs = {tuple(line.split()[:2]): line.split()[4:] for line in (out / "jobs.txt").read_text().splitlines()}
+    assert jobs == {("sr", "d2gp"): ["stopped"], ("sr", "supervised"): [], ("spc", "d2gp"): [],
+                    ("spc", "supervised"): []}
+
+
+def test_gpu_session_stops_at_once_when_the_set_up_check_fails(tmp_path):
+    """benchmarks/gpu_session.sh, run on a lent GPU machine, spends nothing past a failed set-up
+    check (no GPU, or d2gp, deepinv or the cached data missing): exit 3, named in session.log."""
+    import subprocess
+
+    result = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_session.sh"), str(tmp_path / "res"), "60"],
+                            env={"PATH": "/usr/bin:/bin", "PYTHON": "/bin/false"}, capture_output=True, text=True)
+    assert result.returncode == 3
+    assert (tmp_path / "res" / "session.log").read_text().splitlines()[-1].endswith("set-up check failed")
+    assert not (tmp_path / "res" / "gpu_step_eager.log").exists()
+
+
 def test_summarize_gains_names_a_corrupt_evaluation(tmp_path):
     (tmp_path / "spc").mkdir()
     (tmp_path / "spc" / "results.json").write_text("{not json")

@@ -82,6 +82,26 @@ def test_train_denoiser_tiny_and_refuses_stale_checkpoint(tmp_path, capsys, monk
     assert "--resume" in capsys.readouterr().err
 
 
+def test_train_compile_flag_compiles_the_unrolled_loss(tmp_path, monkeypatch):
+    """``d2gp train --compile`` reaches ``train(compile=True)``: the unrolled loss goes through
+    ``torch.compile`` (inductor on a CPU, CUDA graphs on a GPU) and config.json records it. The
+    compiler is replaced by a recorder here: inductor's C++ build would take minutes."""
+    calls = []
+
+    def fake_compile(fn, **kwargs):
+        calls.append(kwargs)
+        return fn
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    tiny = ["--train-images", "8", "--val-images", "4", "--updates", "2", "--iterations", "2", "--batch-size", "4",
+            "--width", "4", "--blocks", "1", "--device", "cpu"]
+    assert main(["train", "--task", "spc", *tiny, "--out", str(tmp_path / "eager")]) == 0
+    assert calls == [] and not json.loads((tmp_path / "eager" / "config.json").read_text())["runtime"]["compile"]
+    assert main(["train", "--task", "spc", *tiny, "--compile", "--out", str(tmp_path / "compiled")]) == 0
+    assert calls == [{"mode": None, "dynamic": False}]  # reduce-overhead (CUDA graphs) only on a GPU
+    assert json.loads((tmp_path / "compiled" / "config.json").read_text())["runtime"]["compile"] is True
+
+
 def test_train_then_evaluate_then_reconstruct_with_the_npo(tmp_path, capsys):
     run = tmp_path / "run"
     tiny = ["--train-images", "16", "--val-images", "8", "--epochs", "1", "--iterations", "3", "--batch-size", "8",

@@ -280,6 +280,6 @@ def test_torchrun_trains_with_two_processes(tiny_denoiser, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == [
         "best.pt", "checkpoint.pt", "config.json", "last.pt", "log.csv", "summary.json"]
     saved = json.loads((out / "config.json").read_text())
-    assert saved["runtime"] == {"device": "cpu", "compile": False, "world_size": 2, "backend": "gloo"}
+    assert saved["runtime"] == {"device": "cpu", "compile": False, "cuda_graph": False, "world_size": 2, "backend": "gloo"}
     assert saved["data"]["train"] == 8 and json.loads((out / "summary.json").read_text())["updates"] == 2
     assert load_checkpoint(out / "checkpoint.pt")["update"] == 2

@@ -336,7 +336,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         lead = distributed.rank() == 0
         if lead:
             announce_training(config, out, resuming=args.resume and (out / "checkpoint.pt").exists())
-        summary = train(config, out, resume=args.resume, device=device, progress=lead)
+        summary = train(config, out, resume=args.resume, device=device, progress=lead, compile=args.compile,
+                        cuda_graph=args.cuda_graph)
     if lead:
         print(f"best validation PSNR {summary['best_val_psnr']:.2f} dB; wrote {out}/ (best.pt, last.pt, log.csv, "
               f"config.json)")
@@ -494,6 +495,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue the interrupted run in --out (same settings), or extend a finished one trained "
                         "with --schedule constant to more --updates")
+    p.add_argument("--compile", action="store_true",
+                   help="run the unrolled loss through torch.compile: on a GPU with CUDA graphs "
+                        "(mode reduce-overhead), where an eager update is launch-bound; the first updates pay the "
+                        "compilation (minutes), and each new batch shape (an epoch's last, smaller batch) compiles again")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="on a GPU, record the unrolled loss and its backward pass once as a CUDA graph and replay it: "
+                        "the eager update without its launch overhead, and no compilation (one process; an epoch's "
+                        "last, smaller batch runs eagerly)")
     _add_device_argument(p)
     p.set_defaults(func=cmd_train)
 

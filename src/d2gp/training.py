@@ -82,6 +82,7 @@ from d2gp.checkpoints import (
 from d2gp.device import precision, prepare, resolve_device
 from d2gp.distributed import from_rank0
 from d2gp.evaluation import evaluate_solver, tune_step_size
+from d2gp.graphs import GraphedLoss
 from d2gp.losses import TEACHER_GRADIENT_AT, LossWeights, gradient_loss, imitation_loss, supervised_loss
 from d2gp.preconditioners import NPO
 from d2gp.preconditioners.files import NPO_FORMAT, load_npo, save_npo, shipped_npo_path, trained_algorithm, trained_step_size
@@ -578,7 +579,7 @@ def validation_points(config: TrainConfig, updates_per_epoch: int, total: int) -
 def train(config: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False, progress: bool = True,
           task: Task | None = None, train_images: torch.Tensor | None = None,
           val_images: torch.Tensor | None = None, device: str | torch.device | None = "auto",
-          compile: bool = False) -> dict:
+          compile: bool = False, cuda_graph: bool = False) -> dict:
     """Train a preconditioner; returns the summary (best validation PSNR, updates, seconds, paths).
 
     :param config: the run's settings.
@@ -591,6 +592,10 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = Fal
     :param compile: run the unrolled loss through ``torch.compile`` — with CUDA graphs on a GPU
         (``mode="reduce-overhead"``), where an eager step is launch-bound (thousands of small
         kernels per update); the first updates then pay the compilation.
+    :param cuda_graph: record the unrolled loss and its backward pass once as a CUDA graph and
+        replay it (:class:`d2gp.graphs.GraphedLoss`): the eager update's kernels and numbers
+        without its launch overhead and without a compilation. One process, the teacher's cached
+        targets; on a CPU nothing is recorded and the update runs eagerly.
     :raises TrainingError: bad settings, a run directory of another run, a NaN loss, or a diverged run
         (in distributed training also a batch too small to give every process an image: :func:`check_batch_split`).
     :raises ~d2gp.checkpoints.LockedError: another process trains into ``run_dir``.
@@ -601,6 +606,7 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = Fal
     config.validate()
     if task is not None:
         check_task(config, task)
+    _check_cuda_graph(config, cuda_graph, compile)
     run_dir = Path(run_dir)  # created, and locked, by @locked_run_dir
     from_rank0(lambda: _check_run_dir(run_dir, config, resume))
     task = task or make_task(config.task, device=resolve_device(device), **config.task_settings)
@@ -625,7 +631,8 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = Fal
     settings = {"train": given.to_dict(), "task": task.config.to_dict(), "environment": environment(device),
                 "data": {"train": len(train_images), "val": len(val_images), "dataset": task.dataset},
                 "updates": {"total": total, "per_epoch": updates_per_epoch},
-                "runtime": {"device": str(device), "compile": bool(compile), "world_size": distributed.world_size(),
+                "runtime": {"device": str(device), "compile": bool(compile), "cuda_graph": bool(cuda_graph),
+                            "world_size": distributed.world_size(),
                             "backend": distributed.backend()},
                 "step_size": {"student": task.student_step_size, "teacher": task.teacher_step_size,
                               "training": training_step_size(config, task),
@@ -656,6 +663,9 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = Fal
     graphs = compile and device.type == "cuda"
     if compile:
         unrolled = torch.compile(unrolled, mode="reduce-overhead" if graphs else None, dynamic=False)
+    graphed = None
+    if cuda_graph:  # the loss computes the gradients too: the loop below neither zeroes nor back-propagates
+        graphed = unrolled = GraphedLoss(unrolled, list(npo.parameters()), capture=device.type == "cuda")
     writer = None
     if config.tensorboard:
         def open_writer() -> None:  # on rank 0 only: it writes the run directory
@@ -691,8 +701,9 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = Fal
                      if history else "no checkpoint had been written yet")
             raise TrainingError(f"the loss became {value} at update {update + 1} (terms {terms}); training "
                                 f"stopped, {where} — lower --lr or the λ weights, or set --grad-clip")
-        optimizer.zero_grad(set_to_none=True)
-        (weight * loss).backward()
+        if graphed is None:
+            optimizer.zero_grad(set_to_none=True)
+            (weight * loss).backward()
         distributed.sum_gradients(npo.parameters())
         norm = torch.nn.utils.clip_grad_norm_(npo.parameters(), config.grad_clip or math.inf)
         optimizer.step()
@@ -754,6 +765,22 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = Fal
         return summary
 
     return from_rank0(finish)
+
+
+def _check_cuda_graph(config: TrainConfig, cuda_graph: bool, compile: bool) -> None:
+    """Refuse what :class:`~d2gp.graphs.GraphedLoss` cannot record: with ``compile`` (two ways of
+    capturing the same loss), several processes (the loss is weighted by each one's share of the
+    batch) or a teacher run inside the update (its trace is a list, not a fixed tensor)."""
+    if not cuda_graph:
+        return
+    if compile:
+        raise TrainingError("cuda_graph and compile are two ways of capturing the unrolled loss: choose one")
+    if distributed.world_size() > 1:
+        raise TrainingError("cuda_graph trains in one process only; under torchrun, leave it out")
+    needs_teacher = config.method != "objective" and config.weights.needs_teacher
+    if needs_teacher and not (config.teacher_cache and config.teacher_gradient == "student"):
+        raise TrainingError("cuda_graph needs the teacher's cached targets (teacher_cache=True, "
+                            "teacher_gradient='student'): a teacher run inside the update cannot be recorded")
 
 
 def _val_psnr(label: str, config: TrainConfig, task: Task, denoiser, val_images: torch.Tensor,

@@ -49,7 +49,7 @@ def _as_index(k: Union[int, torch.Tensor], device: torch.device) -> torch.Tensor
         return k.reshape(-1, 1).to(device=device, dtype=torch.float32)
     if isinstance(k, bool) or not isinstance(k, int):
         raise ValueError(f"k must be an int or a 1-D LongTensor, got {type(k).__name__}")
-    return torch.tensor([[float(k)]], device=device)
+    return torch.full((1, 1), float(k), device=device)  # a fill: no host-to-device copy (CUDA graphs forbid one)
 
 
 def sinusoidal_features(k: Union[int, torch.Tensor], features: int = 128,
