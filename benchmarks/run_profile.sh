@@ -12,7 +12,8 @@
 # Written: the training phase's wall time to $OUT/training_wall.txt, each run's start and end to
 # $OUT/jobs.txt (a fifth word "stopped" when the DEADLINE stopped it: its last checkpoint and
 # best.pt remain, and evaluate scores that best.pt), its seconds per update to its summary.json, its
-# log without the progress bars' redraws to $OUT/logs/<task>-<method>.txt. A training failing with
+# log without the progress bars' redraws to $OUT/logs/<task>-<method>.txt, a copy of its
+# config.json, summary.json and log.csv to $OUT/runs/<task>/<method>/. A training failing with
 # --cuda-graph or --compile among its TRAIN_ARGS_<task> is run again eagerly (its log kept as
 # <method>.capture-failed.log); any other failure stops the script and names its log.
 set -euo pipefail
@@ -66,6 +67,10 @@ train_one() {  # task method: one training, its output to $RUNS/<task>/<method>.
   fi
   echo "$1 $2 $began $(date +%s)$stopped" >> "$OUT/jobs.txt"
   tidy_log < "$RUNS/$1/$2.log" > "$OUT/logs/$1-$2.txt"
+  mkdir -p "$OUT/runs/$1/$2"  # the run's settings, summary and validation log beside the results
+  for file in config.json summary.json log.csv; do
+    if [[ -f "$RUNS/$1/$2/$file" ]]; then cp "$RUNS/$1/$2/$file" "$OUT/runs/$1/$2/"; fi
+  done
 }
 tidy_log() {  # a log's messages and each progress bar's last state (tqdm redraws a bar after a \r)
   tr '\r' '\n' | awk '{ gsub(/^[ \t]+|[ \t]+$/, "") }

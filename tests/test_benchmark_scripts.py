@@ -118,11 +118,13 @@ def test_cpu_profile_script_stops_when_a_training_fails_and_names_its_log(tmp_pa
 
 def test_cpu_profile_script_keeps_each_log_without_the_progress_bars_redraws(tmp_path):
     """Each training's log goes to OUT/logs/<task>-<method>.txt with its messages and every progress
-    bar's last state only (tqdm redraws a bar after a carriage return)."""
+    bar's last state only (tqdm redraws a bar after a carriage return), and the run's config,
+    summary and validation log (those it wrote) to OUT/runs/<task>/<method>/."""
     import subprocess
 
     stub = tmp_path / "d2gp"
     stub.write_text("#!/usr/bin/env bash\n[[ \"$*\" == *' train '* ]] || exit 0\n"
+                    "mkdir -p \"${@: -1}\" && echo '{\"updates\": 9}' > \"${@: -1}/summary.json\"\n"
                     "printf 'starting\\nteacher targets:  50%%|#  | 1/2\\rteacher targets: 100%%|## | 2/2\\n"
                     "   \\r  d2gp spc:  10%%|  | 1/9\\r  d2gp spc: 100%%|##| 9/9  \\n\\ndone\\n'\n")
     stub.chmod(0o755)
@@ -133,6 +135,8 @@ def test_cpu_profile_script_keeps_each_log_without_the_progress_bars_redraws(tmp
     assert (out / "logs" / "spc-d2gp.txt").read_text().splitlines() == [
         "starting", "teacher targets: 100%|## | 2/2", "d2gp spc: 100%|##| 9/9", "done"]
     assert (tmp_path / "runs" / "spc" / "d2gp.log").read_bytes().count(b"\r") == 3  # the raw log is kept
+    assert (out / "runs" / "spc" / "d2gp" / "summary.json").read_text() == '{"updates": 9}\n'  # copied beside
+    assert not (out / "runs" / "spc" / "d2gp" / "log.csv").exists()  # what the run did not write
 
 
 def test_paper_profile_script_trains_six_at_once_on_the_gpu_with_cuda_graphs(tmp_path):

@@ -96,13 +96,20 @@ def test_graphed_loss_replays_the_eager_gradients_on_a_gpu(tiny):  # noqa: F811
     teacher = training.TeacherTargets(task, denoiser, x, config.iterations)
     unrolled = training.functools.partial(training.unrolled_loss, config, task, npo, denoiser)
     graphed = GraphedLoss(unrolled, list(npo.parameters()))
+    grads = None
     for seed in (1, 2):
         y_s = training.measure(task.student, x, seed=seed)
         loss, _ = graphed(x, y_s, *teacher[torch.arange(8, device="cuda")])
+        if grads is None:
+            grads = [p.grad for p in npo.parameters()]  # the graph's own gradient tensors
         got, value = [p.grad.clone() for p in npo.parameters()], float(loss)
         npo.zero_grad(set_to_none=True)
         reference, _ = unrolled(x, y_s, *teacher[torch.arange(8, device="cuda")])
         reference.backward()
-        assert value == pytest.approx(float(reference), rel=1e-5)
-        assert all(torch.allclose(a, p.grad, rtol=1e-4, atol=1e-7) for a, p in zip(got, npo.parameters()))
+        assert value == pytest.approx(float(reference.detach()), rel=1e-5)
+        worst = max(float((a - p.grad).abs().max() / p.grad.abs().max().clamp_min(1e-30))
+                    for a, p in zip(got, npo.parameters()))
+        assert worst < 1e-4, f"seed {seed}: gradients differ by {worst:.2e} of their largest entry"
+        for p, kept in zip(npo.parameters(), grads):  # give the graph its gradient tensors back
+            p.grad = kept
     assert graphed.replays == 2

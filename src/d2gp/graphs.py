@@ -71,8 +71,9 @@ class GraphedLoss:
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(self.warmup):
-                loss, _ = self.loss_fn(*self.static_inputs)
+                loss, terms = self.loss_fn(*self.static_inputs)
                 loss.backward()
+                del loss, terms  # free its autograd graph: the recording must not reuse its gradient accumulators
                 for p in self.parameters:
                     p.grad = None
         torch.cuda.current_stream().wait_stream(side)
