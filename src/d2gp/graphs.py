@@ -85,24 +85,25 @@ class GraphedLoss:
             loss.backward()
         self.static_outputs = (loss.detach(), {k: v.detach() for k, v in terms.items()})
 
+    def _load(self, inputs) -> None:
+        for static, given in zip(self.static_inputs, inputs):
+            if static is not None:
+                static.copy_(given)
+
     def __call__(self, *inputs: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if not self.capture:
             if self.static_inputs is None:
                 self.static_inputs = [None if t is None else t.detach().clone() for t in inputs]
             if not self._matches(inputs):
                 return self._eager(inputs)
-            for static, given in zip(self.static_inputs, inputs):
-                if static is not None:
-                    static.copy_(given)
+            self._load(inputs)
             return self._eager(self.static_inputs)
         if self.graph is None:
             self._record(inputs)
         elif not self._matches(inputs):
             return self._eager(inputs)
         else:
-            for static, given in zip(self.static_inputs, inputs):
-                if static is not None:
-                    static.copy_(given)
+            self._load(inputs)
         self.graph.replay()
         self.replays += 1
         return self.static_outputs
