@@ -42,7 +42,7 @@ __all__ = ["add_budget_arguments", "evaluate_runs", "evaluation_dir", "check_hos
 #:   after 64 and 128 updates and every 250 (one validation costs 5–12 s on one thread, about 20
 #:   updates' worth);
 #: * ``paper``: every training image, 30 epochs of 32 — for a GPU (``benchmarks/paper_profile.sh``: the six
-#:   trainings at once with ``--cuda-graph``; on one H200 about 16 min predicted from 4.5 min of it,
+#:   trainings at once with ``--cuda-graph``; on one H200 about 16–17 min predicted from 4.5 min of it,
 #:   ``benchmarks/results/paper_profile``).
 #:
 #: All of them keep :class:`~d2gp.training.TrainConfig`'s defaults for what keeps a learned
