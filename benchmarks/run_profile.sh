@@ -37,27 +37,26 @@ mkdir -p "$RUNS" "$OUT/logs"
 # minutes). The order is that of the times measured then: SPC D2GP, SR D2GP (teacher targets for
 # 2 000 crops), SPC Supervised, SR Supervised, then MRI's two.
 ORDER=("spc d2gp" "sr d2gp" "spc supervised" "sr supervised" "mri d2gp" "mri supervised")
+attempt() {  # task method [flag ...]: one `d2gp train`, stopped at the DEADLINE; sets began and rc
+  began=$(date +%s) rc=0
+  local limit=()
+  [[ -n "$DEADLINE" ]] && limit=(timeout --signal=TERM "$((DEADLINE > began ? DEADLINE - began : 1))")
+  "${limit[@]}" "$D2GP" --threads "$THREADS" train --task "$1" --profile "$PROFILE" --method "$2" --seed "$SEED" \
+    --device "$DEVICE" "${@:3}" --out "$RUNS/$1/$2" > "$RUNS/$1/$2.log" 2>&1 || rc=$?
+}
 train_one() {  # task method: one training, its output to $RUNS/<task>/<method>.log
   mkdir -p "$RUNS/$1"
-  local began extra_name rc=0 limit=() stopped=""
-  began=$(date +%s)
+  local began rc extra_name stopped=""
   extra_name="TRAIN_ARGS_$1"
   local extra=(${!extra_name:-})
-  if [[ -n "$DEADLINE" ]]; then
-    limit=(timeout --signal=TERM "$((DEADLINE > began ? DEADLINE - began : 1))")
-  fi
-  "${limit[@]}" "$D2GP" --threads "$THREADS" train --task "$1" --profile "$PROFILE" --method "$2" --seed "$SEED" \
-    --device "$DEVICE" "${extra[@]}" --out "$RUNS/$1/$2" > "$RUNS/$1/$2.log" 2>&1 || rc=$?
+  attempt "$1" "$2" "${extra[@]}"
   if [[ $rc -ne 0 && $rc -ne 124 && " ${extra[*]} " =~ " --"(compile|cuda-graph)" " ]]; then
     echo "training $1 $2 failed with --${BASH_REMATCH[1]}: again eagerly (see $RUNS/$1/$2.capture-failed.log)" >&2
     mv "$RUNS/$1/$2.log" "$RUNS/$1/$2.capture-failed.log"
     rm -rf "${RUNS:?}/$1/$2"
     local eager=()
     for arg in "${extra[@]}"; do [[ $arg == --compile || $arg == --cuda-graph ]] || eager+=("$arg"); done
-    began=$(date +%s) rc=0
-    [[ -n "$DEADLINE" ]] && limit=(timeout --signal=TERM "$((DEADLINE > began ? DEADLINE - began : 1))")
-    "${limit[@]}" "$D2GP" --threads "$THREADS" train --task "$1" --profile "$PROFILE" --method "$2" --seed "$SEED" \
-      --device "$DEVICE" "${eager[@]}" --out "$RUNS/$1/$2" > "$RUNS/$1/$2.log" 2>&1 || rc=$?
+    attempt "$1" "$2" "${eager[@]}"
   fi
   if [[ $rc -eq 124 && -n "$DEADLINE" ]]; then
     stopped=" stopped"
@@ -80,7 +79,7 @@ tidy_log() {  # a log's messages and each progress bar's last state (tqdm redraw
     NF { if (bar != "") print bar; bar = ""; print }
     END { if (bar != "") print bar }'
 }
-export -f train_one tidy_log
+export -f attempt train_one tidy_log
 export D2GP SEED RUNS OUT PROFILE THREADS DEVICE DEADLINE
 if [[ " $PHASES " == *" train "* ]]; then
   : > "$OUT/jobs.txt"  # task, method, start and end (seconds since the epoch) of each training

@@ -15,8 +15,8 @@ rate schedule, gradient clipping and checkpoints are those of the eager loop. No
 unrolled loss may synchronise with the host (:func:`d2gp.training.unrolled_loss` does not: its
 loss terms stay tensors).
 
-With ``capture=False`` the same object runs every call eagerly through the same static tensors
-(how its bookkeeping is tested on a machine without a GPU).
+With ``capture=False`` (a CPU) every call runs eagerly into the same gradient tensors: what the
+training loop sees is the same, which is how it is tested on a machine without a GPU.
 """
 
 from __future__ import annotations
@@ -85,25 +85,17 @@ class GraphedLoss:
             loss.backward()
         self.static_outputs = (loss.detach(), {k: v.detach() for k, v in terms.items()})
 
-    def _load(self, inputs) -> None:
-        for static, given in zip(self.static_inputs, inputs):
-            if static is not None:
-                static.copy_(given)
-
     def __call__(self, *inputs: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if not self.capture:
-            if self.static_inputs is None:
-                self.static_inputs = [None if t is None else t.detach().clone() for t in inputs]
-            if not self._matches(inputs):
-                return self._eager(inputs)
-            self._load(inputs)
-            return self._eager(self.static_inputs)
+            return self._eager(inputs)
         if self.graph is None:
             self._record(inputs)
         elif not self._matches(inputs):
             return self._eager(inputs)
         else:
-            self._load(inputs)
+            for static, given in zip(self.static_inputs, inputs):
+                if static is not None:
+                    static.copy_(given)
         self.graph.replay()
         self.replays += 1
         return self.static_outputs

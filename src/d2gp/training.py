@@ -653,8 +653,7 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = Fal
         restore_training_state(state_path, _STATE_FORMAT, npo, optimizer, scheduler, generator, state=state)
         history, best = state["history"], state["best"]
         update, order = state.get("update", state.get("epoch", 0) * updates_per_epoch), state.get("order")
-    cached = config.teacher_cache and config.weights.needs_teacher and config.teacher_gradient == "student" \
-        and config.method != "objective"
+    cached = config.weights.needs_teacher and config.method != "objective" and teacher_cached(config)
     teacher = TeacherTargets(task, denoiser, train_images, config.iterations, config.seed, progress=progress,
                              algorithm=config.algorithm) \
         if cached else None
@@ -767,6 +766,12 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = Fal
     return from_rank0(finish)
 
 
+def teacher_cached(config: TrainConfig) -> bool:
+    """Whether the teacher's targets are computed once (:class:`TeacherTargets`) rather than in every
+    update: ``teacher_cache``, and the gradient targets taken at the student's iterates."""
+    return config.teacher_cache and config.teacher_gradient == "student"
+
+
 def _check_cuda_graph(config: TrainConfig, cuda_graph: bool, compile: bool) -> None:
     """Refuse what :class:`~d2gp.graphs.GraphedLoss` cannot record: with ``compile`` (two ways of
     capturing the same loss), several processes (the loss is weighted by each one's share of the
@@ -777,8 +782,7 @@ def _check_cuda_graph(config: TrainConfig, cuda_graph: bool, compile: bool) -> N
         raise TrainingError("cuda_graph and compile are two ways of capturing the unrolled loss: choose one")
     if distributed.world_size() > 1:
         raise TrainingError("cuda_graph trains in one process only; under torchrun, leave it out")
-    needs_teacher = config.method != "objective" and config.weights.needs_teacher
-    if needs_teacher and not (config.teacher_cache and config.teacher_gradient == "student"):
+    if config.weights.needs_teacher and config.method != "objective" and not teacher_cached(config):
         raise TrainingError("cuda_graph needs the teacher's cached targets (teacher_cache=True, "
                             "teacher_gradient='student'): a teacher run inside the update cannot be recorded")
 
