@@ -16,10 +16,15 @@ a batch of 32.
 * ``default``: today's step — :data:`d2gp.training.DEFAULT_NPO` (the U-Net-shaped trunk,
   ``levels=3``: blocks 2–4 at half and quarter resolution, since the architecture ablation),
   channels-last weights, fused blocks, the teacher's targets computed once per image
-  (:class:`~d2gp.training.TeacherTargets`; that one-off cost, per image, is reported apart);
+  (:class:`~d2gp.training.TeacherTargets`; that one-off cost, per image, is reported apart), in
+  the precision ``d2gp train`` picks on this machine (:func:`d2gp.device.use_bf16`: bfloat16
+  autocast on CPUs with AMX, float32 elsewhere; the table's precision column says which);
+* ``default, float32``: the default step in float32 whatever the CPU (the default before
+  bfloat16 became the choice on AMX CPUs; the same as ``default`` elsewhere);
 * variants of the default: ``supervised`` (no teacher at all), per-iteration checkpointing,
-  truncated backpropagation (last 5), bfloat16 autocast, and the plain trunk (all blocks at full
-  resolution: the default NPO before the architecture ablation, and the shipped NPOs' trunk).
+  truncated backpropagation (last 5), bfloat16 autocast forced on, and the plain trunk (all
+  blocks at full resolution: the default NPO before the architecture ablation, and the shipped
+  NPOs' trunk). ``naive`` and ``before`` are float32.
 
 It also times the no-grad inference of the preconditioned student at K = 20 (images/s) and
 writes the top operators of ``torch.profiler`` for the default step (``profile.md``).
@@ -37,9 +42,10 @@ import time
 
 CONFIGS = {
     "naive": dict(denoiser=(20, 64), npo=dict(kernel_size=7, activation="gelu", expansion=4), layout="nchw",
-                  fused=False, cache=False),
-    "before": dict(layout="nchw", fused=False, cache=False, npo={}),
+                  fused=False, cache=False, autocast=False),
+    "before": dict(layout="nchw", fused=False, cache=False, npo={}, autocast=False),
     "default": dict(),
+    "default, float32": dict(autocast=False),
     "supervised": dict(method="supervised"),
     "default + checkpointing": dict(unroll="checkpoint"),
     "default + truncated (last 5)": dict(unroll="truncated"),
@@ -54,6 +60,7 @@ def measure(name: str, threads: int, steps: int, batch: int, profile: bool) -> d
 
     from d2gp import training
     from d2gp.denoisers import build_dncnn
+    from d2gp.device import use_bf16
     from d2gp.evaluation import evaluate_solver
     from d2gp.preconditioners.npo import ConvNeXtBlock
     from d2gp.tasks import make_task
@@ -61,7 +68,7 @@ def measure(name: str, threads: int, steps: int, batch: int, profile: bool) -> d
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     spec = {"denoiser": None, "npo": dict(training.DEFAULT_NPO), "layout": "cl", "fused": True, "cache": True,
-            "method": "d2gp", "unroll": "full", "autocast": False, **CONFIGS[name]}
+            "method": "d2gp", "unroll": "full", "autocast": None, **CONFIGS[name]}
     if not spec["fused"]:
         ConvNeXtBlock.forward = ConvNeXtBlock.reference_forward
     task = make_task("spc", device="cpu")
@@ -112,7 +119,8 @@ def measure(name: str, threads: int, steps: int, batch: int, profile: bool) -> d
     run = evaluate_solver("inference", task.student, val, denoiser, task.student_step_size, 20, preconditioner=npo,
                           batch_size=64, progress=False)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"name": name, "seconds_per_step": statistics.median(times), "step_times": times, "peak_rss_mb": peak_mb,
+    return {"name": name, "precision": "bfloat16" if use_bf16(config.autocast, task.device) else "float32",
+            "seconds_per_step": statistics.median(times), "step_times": times, "peak_rss_mb": peak_mb,
             "teacher_cache_seconds_per_image": cache_seconds, "inference_images_per_second": len(val) / run.seconds,
             "npo_parameters": npo.num_parameters(), "denoiser_parameters": sum(p.numel() for p in denoiser.parameters()),
             "profile": table}
@@ -146,9 +154,9 @@ def main():
         results.append(json.loads(output.strip().splitlines()[-1]))
         print(f"{name}: {results[-1]['seconds_per_step']:.2f} s/update", flush=True)
     reference = next((r for r in results if r["name"] == "before"), results[0])
-    header = ["configuration", "s / update", f"speed-up vs {reference['name']}", "peak RSS (MB)",
+    header = ["configuration", "precision", "s / update", f"speed-up vs {reference['name']}", "peak RSS (MB)",
               "teacher targets (ms/image, once)", "inference images/s (K=20)", "NPO params", "DnCNN params"]
-    rows = [[r["name"], f"{r['seconds_per_step']:.2f}", f"{reference['seconds_per_step'] / r['seconds_per_step']:.1f}×",
+    rows = [[r["name"], r["precision"], f"{r['seconds_per_step']:.2f}", f"{reference['seconds_per_step'] / r['seconds_per_step']:.1f}×",
              f"{r['peak_rss_mb']:.0f}",
              f"{1000 * r['teacher_cache_seconds_per_image']:.0f}" if r["teacher_cache_seconds_per_image"] else "—",
              f"{r['inference_images_per_second']:.0f}", r["npo_parameters"], r["denoiser_parameters"]] for r in results]

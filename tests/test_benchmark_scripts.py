@@ -95,6 +95,31 @@ def test_cpu_profile_script_trains_both_methods_on_every_task_then_evaluates_eac
                          f"--out {out}/mri", f"benchmarks/summarize_gains.py {out}/mri --out {out}/gains.md"]
 
 
+def test_bf16_quality_script_trains_each_seed_in_both_precisions_then_scores_them_together(tmp_path):
+    """benchmarks/bf16_quality.sh with a stand-in ``d2gp``: per seed a float32 (--no-autocast) and
+    a bfloat16 (--autocast) training of the cpu profile, then one evaluation of all of a task's runs."""
+    import subprocess
+
+    calls = tmp_path / "calls.txt"
+    stub = tmp_path / "d2gp"
+    stub.write_text(f"#!/usr/bin/env bash\necho \"$*\" >> {calls}\n")
+    stub.chmod(0o755)
+    out, runs = tmp_path / "out", tmp_path / "runs"
+    env = {"PATH": "/usr/bin:/bin", "D2GP": str(stub), "PYTHON": str(stub), "RUNS": str(runs), "OUT": str(out),
+           "TASKS": "spc mri", "SEEDS": "0 1", "METHOD": "supervised"}
+    subprocess.run(["bash", str(ROOT / "benchmarks" / "bf16_quality.sh")], env=env, check=True)
+    lines = calls.read_text().splitlines()
+    flags = {"fp32": "--no-autocast", "bf16": "--autocast"}
+    assert sorted(lines[:8]) == sorted(
+        f"--threads 1 train --task {task} --profile cpu --method supervised --seed {seed} {flags[p]} --device cpu "
+        f"--out {runs}/{task}/{p}-s{seed}" for task in ("spc", "mri") for seed in (0, 1) for p in flags)
+    scored = {task: " ".join(f"{runs}/{task}/{p}-s{seed}" for seed in (0, 1) for p in flags) for task in ("spc", "mri")}
+    assert lines[8:] == [f"--threads 2 evaluate {scored['spc']} --split test --limit 200 --device cpu --out {out}/spc",
+                         f"--threads 2 evaluate {scored['mri']} --split test --device cpu --out {out}/mri",
+                         f"benchmarks/summarize_gains.py {out}/spc {out}/mri --out {out}/gains.md"]
+    assert len((out / "jobs.txt").read_text().splitlines()) == 8 and (out / "machine.txt").is_file()
+
+
 def test_cpu_profile_script_stops_when_a_training_fails_and_names_its_log(tmp_path):
     """A training that fails (here SR's Supervised run) ends the script with an error that names
     its log, before any evaluation; the other trainings still finish."""

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from d2gp.cli import main
+from d2gp.device import use_bf16
 
 
 def test_help_of_every_subcommand(capsys):
@@ -96,10 +97,14 @@ def test_train_compile_flag_compiles_the_unrolled_loss(tmp_path, monkeypatch):
     tiny = ["--train-images", "8", "--val-images", "4", "--updates", "2", "--iterations", "2", "--batch-size", "4",
             "--width", "4", "--blocks", "1", "--device", "cpu"]
     assert main(["train", "--task", "spc", *tiny, "--out", str(tmp_path / "eager")]) == 0
-    assert calls == [] and not json.loads((tmp_path / "eager" / "config.json").read_text())["runtime"]["compile"]
-    assert main(["train", "--task", "spc", *tiny, "--compile", "--out", str(tmp_path / "compiled")]) == 0
+    eager = json.loads((tmp_path / "eager" / "config.json").read_text())
+    assert calls == [] and not eager["runtime"]["compile"]
+    # no --autocast: this machine's choice, written down as a decision (bf16 with AMX, else float32)
+    assert eager["train"]["autocast"] is use_bf16(None, torch.device("cpu"))
+    assert main(["train", "--task", "spc", *tiny, "--compile", "--no-autocast", "--out", str(tmp_path / "compiled")]) == 0
     assert calls == [{"mode": None, "dynamic": False}]  # reduce-overhead (CUDA graphs) only on a GPU
-    assert json.loads((tmp_path / "compiled" / "config.json").read_text())["runtime"]["compile"] is True
+    compiled = json.loads((tmp_path / "compiled" / "config.json").read_text())
+    assert compiled["runtime"]["compile"] is True and compiled["train"]["autocast"] is False
 
 
 def test_train_then_evaluate_then_reconstruct_with_the_npo(tmp_path, capsys):

@@ -4,7 +4,9 @@ import pytest
 import torch
 from deepinv.physics import GaussianNoise
 
-from d2gp.device import DeviceError, describe_device, module_device, precision, prepare, resolve_device, to_cpu
+import d2gp.device as device_module
+from d2gp.device import (DeviceError, cpu_has_amx_bf16, describe_device, module_device, precision, prepare,
+                          resolve_device, to_cpu, use_bf16)
 from d2gp.preconditioners import NPO
 from d2gp.tasks import make_task
 from d2gp.tasks.base import measure
@@ -33,6 +35,23 @@ def test_prepare_makes_convolutions_channels_last_and_to_cpu_detaches():
     precision("training", torch.device("cpu"))  # no effect, no error on the CPU
     with pytest.raises(ValueError, match="purpose"):
         precision("inference", torch.device("cpu"))
+
+
+def test_bf16_by_default_only_on_cpus_with_amx(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for amx in (True, False):
+        monkeypatch.setattr(device_module, "cpu_has_amx_bf16", lambda amx=amx: amx)
+        assert use_bf16(None, cpu) is amx and use_bf16(None, "cpu") is amx
+        assert use_bf16(None, cuda) is False  # TF32 there; bf16 on GPUs is not measured
+        assert use_bf16(True, cpu) is True and use_bf16(False, cpu) is False  # a setting given wins
+        assert use_bf16(True, cuda) is True
+
+
+def test_amx_detection_falls_back_to_cpuinfo(monkeypatch, tmp_path):
+    flags = any("amx_bf16" in line.split() for line in open("/proc/cpuinfo") if line.startswith("flags"))
+    assert cpu_has_amx_bf16() is flags  # torch's check and the kernel's flags agree
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported", raising=False)
+    assert cpu_has_amx_bf16() is flags
 
 
 def test_seeded_noise_is_deepinvs_and_per_image():

@@ -73,6 +73,26 @@ def test_training_lowers_the_loss(tiny, tmp_path, overrides):
     assert len((tmp_path / "run" / "log.csv").read_text().strip().splitlines()) == 3
 
 
+def test_autocast_unset_is_decided_once_and_a_resumed_run_keeps_its_own(tiny, tmp_path, monkeypatch):
+    """``autocast=None``: the machine decides at the start (d2gp.device.use_bf16) and config.json
+    records the decision; resuming with ``None`` continues in the precision the run began in —
+    also a run from before the setting could be unset (saved ``False``) — on any machine."""
+    import d2gp.device as device_module
+
+    monkeypatch.setattr(device_module, "cpu_has_amx_bf16", lambda: False)
+    config = _config(tiny, autocast=None, epochs=1)
+    _train(tiny, config, tmp_path / "run")
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())["train"]
+    assert saved["autocast"] is False
+    monkeypatch.setattr(device_module, "cpu_has_amx_bf16", lambda: True)  # resumed on a machine with AMX
+    assert training._resolve_autocast(config, torch.device("cpu"), tmp_path / "run", resume=True).autocast is False
+    assert training._resolve_autocast(config, torch.device("cpu"), tmp_path / "new", resume=False).autocast is True
+    assert training._resolve_autocast(config, torch.device("cpu"), tmp_path / "run", resume=False).autocast is True
+    _train(tiny, config, tmp_path / "run", resume=True)  # same run, nothing left to do: no "differs in autocast"
+    with pytest.raises(TrainingError, match="differs in autocast"):
+        _train(tiny, _config(tiny, autocast=True, epochs=1), tmp_path / "run", resume=True)
+
+
 def test_resume_after_interruption_gives_the_same_weights(tiny, tmp_path, monkeypatch):
     config = _config(tiny, epochs=3)
     _train(tiny, config, tmp_path / "straight")

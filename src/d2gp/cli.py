@@ -156,7 +156,7 @@ _TRAIN_FLAGS = {
     "teacher_gradient": "where the teacher gradient is taken: student (its iterates) or teacher (its trajectory)",
     "unroll": "full (backpropagate all K), checkpoint (same gradients, less memory) or truncated",
     "truncate": "iterations backpropagated in --unroll truncated",
-    "autocast": "bfloat16 autocast for the denoiser and the NPO",
+    "autocast": "bfloat16 autocast for the denoiser and the NPO (the operators and the losses stay float32)",
     "seed": "random seed",
     "tensorboard": "also log to TensorBoard (needs the tensorboard package)",
     "updates": "total optimizer updates (default: the profile's epochs × updates per epoch)",
@@ -195,7 +195,8 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
     defaults, hints = TrainConfig(), typing.get_type_hints(TrainConfig)
     defaults_shown = {"lr": "per preconditioner: " + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()),
-                      "step_size": "the task's student step, 1/L"}
+                      "step_size": "the task's student step, 1/L",
+                      "autocast": "on for CPUs with AMX bf16, off elsewhere; a resumed run keeps its own"}
     group = parser.add_argument_group("training settings")
     presets = [f"{k}: {v}" for k, v in PROFILES.items()] + [f"{p} on {t}: also {v}" for (p, t), v in TASK_PROFILES.items()]
     group.add_argument("--profile", choices=list(PROFILES), default="quick",
@@ -203,9 +204,9 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     for name, help_text in _TRAIN_FLAGS.items():
         default = getattr(defaults, name)
         flag = f"--{name.replace('_', '-')}"
-        if isinstance(default, bool):
+        if isinstance(default, bool) or hints[name] == bool | None:
             group.add_argument(flag, dest=f"train_{name}", action=argparse.BooleanOptionalAction, default=None,
-                               help=f"{help_text} (default {default})")
+                               help=f"{help_text} (default {defaults_shown.get(name, default)})")
         else:
             kind = next(t for t in typing.get_args(hints[name]) or (hints[name],) if t is not type(None))
             shown = defaults_shown.get(name, default)

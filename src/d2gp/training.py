@@ -79,7 +79,7 @@ from d2gp.checkpoints import (
     atomic_write_text, load_checkpoint, locked_run_dir, read_json, require_entries, restore_training_state,
     save_training_state, seed_everything, write_json,
 )
-from d2gp.device import precision, prepare, resolve_device
+from d2gp.device import precision, prepare, resolve_device, use_bf16
 from d2gp.distributed import from_rank0
 from d2gp.evaluation import evaluate_solver, tune_step_size
 from d2gp.graphs import GraphedLoss
@@ -170,7 +170,7 @@ class TrainConfig:
     teacher_gradient: str = "student"
     unroll: str = "full"
     truncate: int = 5
-    autocast: bool = False
+    autocast: bool | None = None  # None: bf16 on CPUs with AMX, else float32 (d2gp.device.use_bf16)
     npo: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_NPO))
     preconditioner: str = "npo"
     linear: dict[str, Any] = field(default_factory=dict)
@@ -433,7 +433,7 @@ def _loss(config: TrainConfig, task: Task, npo, denoiser, x: torch.Tensor, seed:
             y_t = measure(task.teacher, x, seed=seed, offset=offset)
             with torch.no_grad():
                 teacher_out, trace = solve(config.algorithm, task.teacher, y_t, denoiser, task.teacher_step_size,
-                                           config.iterations, trace=True, autocast=config.autocast)
+                                           config.iterations, trace=True, autocast=use_bf16(config.autocast, x.device))
             teacher_points, teacher_gradients = trace.z, trace.grad
     if unrolled is None:
         unrolled = functools.partial(unrolled_loss, config, task, npo, denoiser)
@@ -456,7 +456,8 @@ def unrolled_loss(config: TrainConfig, task: Task, npo, denoiser, x: torch.Tenso
     weights, K = config.weights, config.iterations
     gamma_s = training_step_size(config, task)
     grad_from = K - config.truncate if config.unroll == "truncated" else 0
-    run = dict(trace=True, checkpoint=config.unroll == "checkpoint", autocast=config.autocast, grad_from=grad_from)
+    autocast = use_bf16(config.autocast, x.device)
+    run = dict(trace=True, checkpoint=config.unroll == "checkpoint", autocast=autocast, grad_from=grad_from)
     _, student_trace = solve(config.algorithm, task.student, y_s, denoiser, gamma_s, K, npo, **run)
     if config.method == "objective":
         loss = objective_loss(task.student, student_trace, y_s)
@@ -471,7 +472,7 @@ def unrolled_loss(config: TrainConfig, task: Task, npo, denoiser, x: torch.Tenso
                 targets = [A_t.A_adjoint(A_t.A(z) - y_t) for z in student_trace.z]
         else:
             targets = teacher_gradients
-            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=config.autocast):
+            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
                 predicted = [npo(A_s.A_adjoint(A_s.A(z) - y_s), k, **({"iterate": z} if npo.uses_iterate else {}))
                              for k, z in enumerate(teacher_points)]
         terms["gradient"] = gradient_loss(predicted, targets)
@@ -608,9 +609,10 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = Fal
         check_task(config, task)
     _check_cuda_graph(config, cuda_graph, compile)
     run_dir = Path(run_dir)  # created, and locked, by @locked_run_dir
+    device = task.device if task is not None else resolve_device(device)
+    config = _resolve_autocast(config, device, run_dir, resume)
     from_rank0(lambda: _check_run_dir(run_dir, config, resume))
-    task = task or make_task(config.task, device=resolve_device(device), **config.task_settings)
-    device = task.device
+    task = task or make_task(config.task, device=device, **config.task_settings)
     precision("training", device)
     if train_images is None:
         train_images = task.images("train", limit=config.train_images)
@@ -822,6 +824,18 @@ def check_batch_split(images: int, batch_size: int, processes: int) -> None:
         raise TrainingError(f"the last batch of each epoch holds {last} images ({images} training images in batches "
                             f"of {batch_size}), too few for {processes} processes (each needs at least one); "
                             f"change train_images or batch_size so that it holds none or at least {processes}")
+
+
+def _resolve_autocast(config: TrainConfig, device: torch.device, run_dir: Path, resume: bool) -> TrainConfig:
+    """``config`` with ``autocast`` decided: as given, or (``None``) the precision of the run being
+    resumed, else :func:`~d2gp.device.use_bf16`'s choice for ``device``. Saved so in ``config.json``,
+    a run continues in the precision it began in, on whatever machine."""
+    if config.autocast is not None:
+        return config
+    recorded = _recorded(run_dir, resume, "train") if (run_dir / "config.json").is_file() else None
+    if isinstance(recorded, dict) and isinstance(recorded.get("autocast"), bool):
+        return dataclasses.replace(config, autocast=recorded["autocast"])
+    return dataclasses.replace(config, autocast=use_bf16(None, device))
 
 
 def _recorded(run_dir: Path, resume: bool, key: str):
