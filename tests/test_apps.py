@@ -4,10 +4,12 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from d2gp.apps import PROFILES, announce, demo, evaluate_runs, evaluation_dir, profile_settings
 from d2gp.checkpoints import CheckpointError
 from d2gp.cli import main
+from d2gp.device import use_bf16
 from d2gp.training import TrainConfig, TrainingError
 
 TINY = dict(train_images=16, val_images=8, epochs=1, iterations=2, batch_size=8, npo={"width": 8, "blocks": 1})
@@ -31,12 +33,14 @@ def test_demo_trains_both_and_writes_the_evaluation_beside_them(tiny_demo):
 
 def test_demo_reuses_finished_runs_and_never_overwrites_another(tiny_demo):
     out, _ = tiny_demo
-    mtime = (out / "d2gp" / "best.pt").stat().st_mtime
+    written = {name: (out / "d2gp" / name).stat().st_mtime for name in ("best.pt", "last.pt", "summary.json")}
     saved = json.loads((out / "d2gp" / "config.json").read_text())
     del saved["train"]["linear"]  # a run made before this field existed
+    # ... on a machine that chose the other precision (autocast unset): the run keeps its own
+    saved["train"]["autocast"] = not use_bf16(None, torch.device("cpu"))
     (out / "d2gp" / "config.json").write_text(json.dumps(saved))
-    demo(out, limit=8, progress=False, **TINY)  # finished runs are reused
-    assert (out / "d2gp" / "best.pt").stat().st_mtime == mtime
+    demo(out, limit=8, progress=False, **TINY)  # finished runs are reused, not even resumed
+    assert {name: (out / "d2gp" / name).stat().st_mtime for name in written} == written
     with pytest.raises(TrainingError, match="configuration differs in lr"):
         demo(out, limit=8, progress=False, **{**TINY, "lr": 5e-4})
 

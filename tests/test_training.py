@@ -85,9 +85,9 @@ def test_autocast_unset_is_decided_once_and_a_resumed_run_keeps_its_own(tiny, tm
     saved = json.loads((tmp_path / "run" / "config.json").read_text())["train"]
     assert saved["autocast"] is False
     monkeypatch.setattr(device_module, "cpu_has_amx_bf16", lambda: True)  # resumed on a machine with AMX
-    assert training._resolve_autocast(config, torch.device("cpu"), tmp_path / "run", resume=True).autocast is False
-    assert training._resolve_autocast(config, torch.device("cpu"), tmp_path / "new", resume=False).autocast is True
-    assert training._resolve_autocast(config, torch.device("cpu"), tmp_path / "run", resume=False).autocast is True
+    assert training.resolve_autocast(config, torch.device("cpu"), tmp_path / "run", resume=True).autocast is False
+    assert training.resolve_autocast(config, torch.device("cpu"), tmp_path / "new", resume=False).autocast is True
+    assert training.resolve_autocast(config, torch.device("cpu"), tmp_path / "run", resume=False).autocast is True
     _train(tiny, config, tmp_path / "run", resume=True)  # same run, nothing left to do: no "differs in autocast"
     with pytest.raises(TrainingError, match="differs in autocast"):
         _train(tiny, _config(tiny, autocast=True, epochs=1), tmp_path / "run", resume=True)

@@ -24,7 +24,7 @@ from d2gp.reports import markdown_table, write_results
 from d2gp.tasks import make_task
 from d2gp.preconditioners.files import trained_algorithm, trained_step_size
 from d2gp.solver import ALGORITHM_NAMES, check_algorithm
-from d2gp.training import TrainConfig, load_npo, saved_train_config, train
+from d2gp.training import TrainConfig, load_npo, resolve_autocast, saved_train_config, train
 
 __all__ = ["add_budget_arguments", "evaluate_runs", "evaluation_dir", "check_host", "demo", "ensure_trained", "announce",
            "announce_training", "profile_settings", "PROFILES", "TASK_PROFILES", "HORIZONS", "horizon_label",
@@ -120,6 +120,7 @@ def ensure_trained(config: TrainConfig, run_dir: str | os.PathLike, *, resume: b
     """
     run_dir = Path(run_dir)
     config_path = run_dir / "config.json"
+    config = resolve_autocast(config, resolve_device(device), run_dir, resume=True)  # unset: the run's own
     finished = (run_dir / "summary.json").is_file() and config_path.is_file() and \
         saved_train_config(run_dir) == config.to_json_dict()
     if finished:

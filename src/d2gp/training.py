@@ -610,7 +610,7 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = Fal
     _check_cuda_graph(config, cuda_graph, compile)
     run_dir = Path(run_dir)  # created, and locked, by @locked_run_dir
     device = task.device if task is not None else resolve_device(device)
-    config = _resolve_autocast(config, device, run_dir, resume)
+    config = resolve_autocast(config, device, run_dir, resume)
     from_rank0(lambda: _check_run_dir(run_dir, config, resume))
     task = task or make_task(config.task, device=device, **config.task_settings)
     precision("training", device)
@@ -826,10 +826,13 @@ def check_batch_split(images: int, batch_size: int, processes: int) -> None:
                             f"change train_images or batch_size so that it holds none or at least {processes}")
 
 
-def _resolve_autocast(config: TrainConfig, device: torch.device, run_dir: Path, resume: bool) -> TrainConfig:
-    """``config`` with ``autocast`` decided: as given, or (``None``) the precision of the run being
-    resumed, else :func:`~d2gp.device.use_bf16`'s choice for ``device``. Saved so in ``config.json``,
-    a run continues in the precision it began in, on whatever machine."""
+def resolve_autocast(config: TrainConfig, device: torch.device, run_dir: str | os.PathLike,
+                     resume: bool) -> TrainConfig:
+    """``config`` with ``autocast`` decided: as given, or (``None``) the precision of the run in
+    ``run_dir`` when it is resumed (or found finished), else :func:`~d2gp.device.use_bf16`'s choice
+    for ``device``. Saved so in ``config.json``, a run continues in the precision it began in, on
+    whatever machine."""
+    run_dir = Path(run_dir)
     if config.autocast is not None:
         return config
     recorded = _recorded(run_dir, resume, "train") if (run_dir / "config.json").is_file() else None
