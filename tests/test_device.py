@@ -49,9 +49,12 @@ def test_bf16_by_default_only_on_cpus_with_amx(monkeypatch):
 
 def test_amx_detection_falls_back_to_cpuinfo(monkeypatch, tmp_path):
     flags = any("amx_bf16" in line.split() for line in open("/proc/cpuinfo") if line.startswith("flags"))
+    cpu_has_amx_bf16.cache_clear()
     assert cpu_has_amx_bf16() is flags  # torch's check and the kernel's flags agree
     monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported", raising=False)
+    cpu_has_amx_bf16.cache_clear()
     assert cpu_has_amx_bf16() is flags
+    cpu_has_amx_bf16.cache_clear()  # not the fallback's answer for the tests after this one
 
 
 def test_seeded_noise_is_deepinvs_and_per_image():

@@ -24,6 +24,7 @@ ConvNeXt NPO about 2× (``benchmarks/results/training_speed/``).
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 
@@ -109,15 +110,13 @@ def precision(purpose: str, device: torch.device) -> None:
     torch.backends.cudnn.benchmark = True
 
 
+@functools.cache  # the CPU does not change: asked once, not in every training update
 def cpu_has_amx_bf16() -> bool:
     """Whether this CPU has AMX bf16 tile instructions (Intel Xeon from Sapphire Rapids on), which
-    oneDNN uses for bfloat16 convolutions."""
-    check = getattr(getattr(torch, "cpu", None), "_is_amx_tile_supported", None)  # private: may vanish
+    oneDNN uses for bfloat16 convolutions: PyTorch's check, else the kernel's CPU flags."""
+    check = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private: may vanish
     if check is not None:
-        try:
-            return bool(check())
-        except RuntimeError:
-            pass
+        return bool(check())
     try:
         with open("/proc/cpuinfo") as f:
             return any(line.startswith("flags") and "amx_bf16" in line.split() for line in f)

@@ -832,9 +832,9 @@ def resolve_autocast(config: TrainConfig, device: torch.device, run_dir: str | o
     ``run_dir`` when it is resumed (or found finished), else :func:`~d2gp.device.use_bf16`'s choice
     for ``device``. Saved so in ``config.json``, a run continues in the precision it began in, on
     whatever machine."""
-    run_dir = Path(run_dir)
     if config.autocast is not None:
         return config
+    run_dir = Path(run_dir)
     recorded = _recorded(run_dir, resume, "train") if (run_dir / "config.json").is_file() else None
     if isinstance(recorded, dict) and isinstance(recorded.get("autocast"), bool):
         return dataclasses.replace(config, autocast=recorded["autocast"])
