@@ -22,9 +22,24 @@ a batch of 32.
 * ``default, float32``: the default step in float32 whatever the CPU (the default before
   bfloat16 became the choice on AMX CPUs; the same as ``default`` elsewhere);
 * variants of the default: ``supervised`` (no teacher at all), per-iteration checkpointing,
-  truncated backpropagation (last 5), bfloat16 autocast forced on, and the plain trunk (all
+  truncated backpropagation (last 5), bfloat16 autocast forced on, the plain trunk (all
   blocks at full resolution: the default NPO before the architecture ablation, and the shipped
-  NPOs' trunk). ``naive`` and ``before`` are float32.
+  NPOs' trunk), and the float32 default through ``torch.compile`` (``d2gp train --compile``;
+  its compilation is in the first update's time). ``naive`` and ``before`` are float32.
+
+Each configuration's floating-point work per update is counted
+(``torch.utils.flop_counter.FlopCounterMode``: the convolutions and matrix products, forward
+and backward), and divided by its time gives the rate the machine sustained.
+
+Other CPUs from this one: oneDNN (the convolutions) and ATen (the elementwise kernels) take caps on
+the instructions they use, which the child processes inherit and ``results.json`` records
+(``environment.isa_caps``) — e.g. a CPU without AMX (AVX-512 with bf16 instructions, like AMD's
+Zen 4) or an AVX2-only one (AMD's Zen 2/3, most laptops)::
+
+    ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 python benchmarks/training_speed.py ...
+    ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 python benchmarks/training_speed.py ...
+
+(the instructions only: the clock, caches and memory stay this machine's).
 
 It also times the no-grad inference of the preconditioned student at K = 20 (images/s) and
 writes the top operators of ``torch.profiler`` for the default step (``profile.md``).
@@ -33,6 +48,7 @@ writes the top operators of ``torch.profiler`` for the default step (``profile.m
 """
 
 import argparse
+import functools
 import json
 import resource
 import statistics
@@ -51,12 +67,14 @@ CONFIGS = {
     "default + truncated (last 5)": dict(unroll="truncated"),
     "default + bf16 autocast": dict(autocast=True),
     "default, plain trunk": dict(npo={}),
+    "default, float32 + torch.compile": dict(autocast=False, compile=True),
 }
 
 
 def measure(name: str, threads: int, steps: int, batch: int, profile: bool) -> dict:
     """Run in a child process: time ``steps`` updates (after one warm-up) of configuration ``name``."""
     import torch
+    from torch.utils.flop_counter import FlopCounterMode
 
     from d2gp import training
     from d2gp.denoisers import build_dncnn
@@ -68,7 +86,7 @@ def measure(name: str, threads: int, steps: int, batch: int, profile: bool) -> d
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     spec = {"denoiser": None, "npo": dict(training.DEFAULT_NPO), "layout": "cl", "fused": True, "cache": True,
-            "method": "d2gp", "unroll": "full", "autocast": None, **CONFIGS[name]}
+            "method": "d2gp", "unroll": "full", "autocast": None, "compile": False, **CONFIGS[name]}
     if not spec["fused"]:
         ConvNeXtBlock.forward = ConvNeXtBlock.reference_forward
     task = make_task("spc", device="cpu")
@@ -92,20 +110,25 @@ def measure(name: str, threads: int, steps: int, batch: int, profile: bool) -> d
         teacher = training.TeacherTargets(task, denoiser, images, config.iterations)
         cache_seconds = (time.perf_counter() - began) / len(images)
 
-    def update(step):
+    unrolled = functools.partial(training.unrolled_loss, config, task, npo, denoiser)
+    if spec["compile"]:  # as train(compile=True) does on a CPU
+        unrolled = torch.compile(unrolled, dynamic=False)
+
+    def update(step, unrolled=unrolled):
         index = torch.arange(step * batch, (step + 1) * batch)
         loss, _ = training._loss(config, task, npo, denoiser, images[index], seed=step,
-                                 teacher=teacher[index] if teacher is not None else None)
+                                 teacher=teacher[index] if teacher is not None else None, unrolled=unrolled)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
 
-    times = []
+    times, first = [], []
     for step in range(steps + 1):
         began = time.perf_counter()
         update(step)
-        if step:
-            times.append(time.perf_counter() - began)
+        (times if step else first).append(time.perf_counter() - began)
+    with FlopCounterMode(display=False) as counter:  # eager: the same work, counted
+        update(0, unrolled=None)
     table = None
     if profile:
         from torch.profiler import ProfilerActivity
@@ -120,7 +143,8 @@ def measure(name: str, threads: int, steps: int, batch: int, profile: bool) -> d
                           batch_size=64, progress=False)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"name": name, "precision": "bfloat16" if use_bf16(config.autocast, task.device) else "float32",
-            "seconds_per_step": statistics.median(times), "step_times": times, "peak_rss_mb": peak_mb,
+            "seconds_per_step": statistics.median(times), "step_times": times, "first_step_seconds": first[0],
+            "gflop_per_step": counter.get_total_flops() / 1e9, "peak_rss_mb": peak_mb,
             "teacher_cache_seconds_per_image": cache_seconds, "inference_images_per_second": len(val) / run.seconds,
             "npo_parameters": npo.num_parameters(), "denoiser_parameters": sum(p.numel() for p in denoiser.parameters()),
             "profile": table}
@@ -154,9 +178,11 @@ def main():
         results.append(json.loads(output.strip().splitlines()[-1]))
         print(f"{name}: {results[-1]['seconds_per_step']:.2f} s/update", flush=True)
     reference = next((r for r in results if r["name"] == "before"), results[0])
-    header = ["configuration", "precision", "s / update", f"speed-up vs {reference['name']}", "peak RSS (MB)",
-              "teacher targets (ms/image, once)", "inference images/s (K=20)", "NPO params", "DnCNN params"]
+    header = ["configuration", "precision", "s / update", f"speed-up vs {reference['name']}", "first update (s)",
+              "GFLOP / update", "GFLOP/s", "peak RSS (MB)", "teacher targets (ms/image, once)",
+              "inference images/s (K=20)", "NPO params", "DnCNN params"]
     rows = [[r["name"], r["precision"], f"{r['seconds_per_step']:.2f}", f"{reference['seconds_per_step'] / r['seconds_per_step']:.1f}×",
+             f"{r['first_step_seconds']:.1f}", f"{r['gflop_per_step']:.0f}", f"{r['gflop_per_step'] / r['seconds_per_step']:.0f}",
              f"{r['peak_rss_mb']:.0f}",
              f"{1000 * r['teacher_cache_seconds_per_image']:.0f}" if r["teacher_cache_seconds_per_image"] else "—",
              f"{r['inference_images_per_second']:.0f}", r["npo_parameters"], r["denoiser_parameters"]] for r in results]

@@ -120,6 +120,27 @@ def test_bf16_quality_script_trains_each_seed_in_both_precisions_then_scores_the
     assert len((out / "jobs.txt").read_text().splitlines()) == 8 and (out / "machine.txt").is_file()
 
 
+def test_cpu_isa_script_times_each_instruction_cap_with_its_own_reference(tmp_path):
+    """benchmarks/cpu_isa_speed.sh with a stand-in ``python``: this CPU, then oneDNN capped below
+    AMX, then AVX2 for oneDNN and ATen, each table with ``before`` timed in the same run."""
+    import subprocess
+
+    calls = tmp_path / "calls.txt"
+    stub = tmp_path / "python"
+    stub.write_text(f"#!/usr/bin/env bash\necho \"${{ONEDNN_MAX_CPU_ISA:-}}/${{ATEN_CPU_CAPABILITY:-}}: $*\" >> {calls}\n")
+    stub.chmod(0o755)
+    out = tmp_path / "out"
+    subprocess.run(["bash", str(ROOT / "benchmarks" / "cpu_isa_speed.sh"), str(out), "3"],
+                   env={"PATH": "/usr/bin:/bin", "PYTHON": str(stub)}, check=True)
+    run = "benchmarks/training_speed.py --threads 2 --steps"
+    assert calls.read_text().splitlines() == [
+        f"/: {run} 3 --out {out}/native --configs before default, float32 default default + truncated (last 5)",
+        f"AVX512_CORE_BF16/: {run} 3 --out {out}/avx512_bf16 --configs before default default + bf16 autocast "
+        f"default + truncated (last 5)",
+        f"AVX2/avx2: {run} 3 --out {out}/avx2 --configs before default default + truncated (last 5)",
+        f"AVX2/avx2: {run} 2 --out {out}/avx2_bf16 --configs default + bf16 autocast"]
+
+
 def test_cpu_profile_script_stops_when_a_training_fails_and_names_its_log(tmp_path):
     """A training that fails (here SR's Supervised run) ends the script with an error that names
     its log, before any evaluation; the other trainings still finish."""

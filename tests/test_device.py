@@ -57,6 +57,21 @@ def test_amx_detection_falls_back_to_cpuinfo(monkeypatch, tmp_path):
     cpu_has_amx_bf16.cache_clear()  # not the fallback's answer for the tests after this one
 
 
+def test_amx_detection_respects_a_onednn_isa_cap(monkeypatch):
+    """Below AMX (ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16, AVX2, …) oneDNN's bf16 convolutions have no
+    tiles, so an unset autocast stays float32; a cap at or above AMX leaves the CPU's answer."""
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    try:
+        for cap, amx in (("AVX2", False), ("avx512_core_bf16", False), ("AVX512_CORE_AMX", True), ("ALL", True),
+                         ("", True)):
+            monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+            cpu_has_amx_bf16.cache_clear()
+            assert cpu_has_amx_bf16() is amx, cap
+            assert use_bf16(None, "cpu") is amx
+    finally:
+        cpu_has_amx_bf16.cache_clear()
+
+
 def test_seeded_noise_is_deepinvs_and_per_image():
     """measure() draws the same numbers as deepinv's GaussianNoise seeded per image, whatever the batching."""
     task = make_task("spc", image_size=16)

@@ -7,7 +7,7 @@ import platform
 import pytest
 import torch
 
-from d2gp.reports import environment, markdown_table, write_results, write_table
+from d2gp.reports import ISA_CAPS, environment, markdown_table, write_results, write_table
 
 HEADER = ["method", "PSNR (dB)", "note"]
 ROWS = [["baseline", "28.53 ± 2.20", None], ["D2GP", 28.67, "γ = 1, trained"]]
@@ -42,6 +42,8 @@ def test_environment_records_the_command_and_machine(monkeypatch, argv, command)
     import deepinv
 
     monkeypatch.setattr("sys.argv", argv)
+    for cap in ISA_CAPS:
+        monkeypatch.delenv(cap, raising=False)
     env = environment()
     assert list(env) == ["command", "date", "machine", "cpu_threads", "python", "torch", "deepinv"]
     assert env["command"] == command
@@ -51,6 +53,15 @@ def test_environment_records_the_command_and_machine(monkeypatch, argv, command)
     assert env["python"] == platform.python_version()
     assert env["torch"] == str(torch.__version__) and env["deepinv"] == str(deepinv.__version__)
     assert f"{platform.system()} {platform.machine()}" in env["machine"] and "CPUs" in env["machine"]
+
+
+def test_environment_records_an_instruction_set_cap(monkeypatch):
+    """A timing measured under ONEDNN_MAX_CPU_ISA / ATEN_CPU_CAPABILITY stands for another CPU: say so."""
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "")
+    assert environment()["isa_caps"] == {"ONEDNN_MAX_CPU_ISA": "AVX2"}
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    assert environment()["isa_caps"] == {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
 
 
 def test_write_results_writes_the_three_files(tmp_path, monkeypatch):

@@ -112,8 +112,13 @@ def precision(purpose: str, device: torch.device) -> None:
 
 @functools.cache  # the CPU does not change: asked once, not in every training update
 def cpu_has_amx_bf16() -> bool:
-    """Whether this CPU has AMX bf16 tile instructions (Intel Xeon from Sapphire Rapids on), which
-    oneDNN uses for bfloat16 convolutions: PyTorch's check, else the kernel's CPU flags."""
+    """Whether oneDNN may use AMX bf16 tile instructions (Intel Xeon from Sapphire Rapids on) for
+    bfloat16 convolutions: PyTorch's check, else the kernel's CPU flags — and ``False`` when
+    ``ONEDNN_MAX_CPU_ISA`` caps oneDNN below AMX (e.g. ``AVX512_CORE_BF16``, ``AVX2``: then bf16
+    convolutions run without tiles, slower than float32; ``benchmarks/training_speed.py``)."""
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper()
+    if cap and cap not in ("ALL", "DEFAULT") and "AMX" not in cap:
+        return False
     check = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private: may vanish
     if check is not None:
         return bool(check())

@@ -60,9 +60,16 @@ def cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
+#: Environment variables that cap the CPU instructions PyTorch's kernels use: a result measured
+#: under them stands for a CPU without the instructions above the cap (oneDNN's convolutions,
+#: ATen's vectorised kernels), so :func:`environment` records them.
+ISA_CAPS = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
+
+
 def environment(device=None) -> dict:
-    """What produced a result: command line, date, machine, thread count, library versions and, when
-    given, the ``device`` it computed on (in words: the GPU's name or the CPU's)."""
+    """What produced a result: command line, date, machine, thread count, library versions, any
+    instruction-set cap (:data:`ISA_CAPS`) and, when given, the ``device`` it computed on (in
+    words: the GPU's name or the CPU's)."""
     import deepinv
     import torch
 
@@ -78,6 +85,7 @@ def environment(device=None) -> dict:
         "python": platform.python_version(),
         "torch": str(torch.__version__),
         "deepinv": str(deepinv.__version__),
+        **({"isa_caps": caps} if (caps := {k: os.environ[k] for k in ISA_CAPS if os.environ.get(k)}) else {}),
         **({"device": describe_device(device)} if device is not None else {}),
     }
 
