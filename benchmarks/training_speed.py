@@ -25,7 +25,8 @@ a batch of 32.
   truncated backpropagation (last 5), bfloat16 autocast forced on, the plain trunk (all
   blocks at full resolution: the default NPO before the architecture ablation, and the shipped
   NPOs' trunk), and the float32 default through ``torch.compile`` (``d2gp train --compile``;
-  its compilation is in the first update's time). ``naive`` and ``before`` are float32.
+  its compilation, cold — inductor's cache in a new folder —, is in the first update's time).
+  ``naive`` and ``before`` are float32.
 
 Each configuration's floating-point work per update is counted
 (``torch.utils.flop_counter.FlopCounterMode``: the convolutions and matrix products, forward
@@ -50,7 +51,9 @@ writes the top operators of ``torch.profiler`` for the default step (``profile.m
 import argparse
 import functools
 import json
+import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -73,6 +76,10 @@ CONFIGS = {
 
 def measure(name: str, threads: int, steps: int, batch: int, profile: bool) -> dict:
     """Run in a child process: time ``steps`` updates (after one warm-up) of configuration ``name``."""
+    if CONFIGS[name].get("compile"):  # a cold compilation, as a first --compile run meets it (not inductor's cache)
+        import tempfile
+
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="d2gp-inductor-")
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -142,6 +149,8 @@ def measure(name: str, threads: int, steps: int, batch: int, profile: bool) -> d
     run = evaluate_solver("inference", task.student, val, denoiser, task.student_step_size, 20, preconditioner=npo,
                           batch_size=64, progress=False)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if spec["compile"]:  # the cold cache made above
+        shutil.rmtree(os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
     return {"name": name, "precision": "bfloat16" if use_bf16(config.autocast, task.device) else "float32",
             "seconds_per_step": statistics.median(times), "step_times": times, "first_step_seconds": first[0],
             "gflop_per_step": counter.get_total_flops() / 1e9, "peak_rss_mb": peak_mb,

@@ -83,7 +83,7 @@ def test_train_denoiser_tiny_and_refuses_stale_checkpoint(tmp_path, capsys, monk
     assert "--resume" in capsys.readouterr().err
 
 
-def test_train_compile_flag_compiles_the_unrolled_loss(tmp_path, monkeypatch):
+def test_train_compile_flag_compiles_the_unrolled_loss(tmp_path, monkeypatch, capsys):
     """``d2gp train --compile`` reaches ``train(compile=True)``: the unrolled loss goes through
     ``torch.compile`` (inductor on a CPU, CUDA graphs on a GPU) and config.json records it. The
     compiler is replaced by a recorder here: inductor's C++ build would take minutes."""
@@ -101,7 +101,10 @@ def test_train_compile_flag_compiles_the_unrolled_loss(tmp_path, monkeypatch):
     assert calls == [] and not eager["runtime"]["compile"]
     # no --autocast: this machine's choice, written down as a decision (bf16 with AMX, else float32)
     assert eager["train"]["autocast"] is use_bf16(None, torch.device("cpu"))
+    capsys.readouterr()
     assert main(["train", "--task", "spc", *tiny, "--compile", "--no-autocast", "--out", str(tmp_path / "compiled")]) == 0
+    # measured: on a CPU it only costs, so it says so (once, on one line)
+    assert capsys.readouterr().err.count("d2gp train: warning: compile on a CPU") == 1
     assert calls == [{"mode": None, "dynamic": False}]  # reduce-overhead (CUDA graphs) only on a GPU
     compiled = json.loads((tmp_path / "compiled" / "config.json").read_text())
     assert compiled["runtime"]["compile"] is True and compiled["train"]["autocast"] is False

@@ -14,8 +14,10 @@ operators and the losses in float32; ``TrainConfig.autocast``), which by default
 (``autocast=None``, :func:`use_bf16`) is on for CPUs with AMX bf16 tile instructions — there a
 D2GP update at batch 32 took 1.32 s instead of 2.49 s, and the NPOs scored 0.03 dB below
 float32-trained ones at K (``benchmarks/results/training_speed/xeon-amx/``,
-``benchmarks/results/bf16_quality/``) — and off elsewhere: on CPUs without bf16 instructions it
-is several times slower, and on GPUs it is not measured.
+``benchmarks/results/bf16_quality/``) — and off elsewhere: without AMX tiles it is slower than
+float32 (1.1× with AVX-512 bf16 instructions, like AMD's Zen 4; 13× with AVX2 only: oneDNN capped
+to those instructions on that Xeon, ``benchmarks/results/training_speed/isa/``), and on GPUs it is
+not measured.
 
 Memory format: convolutions run in ``torch.channels_last`` (:func:`prepare`): on this project's
 CPUs the shipped DnCNN is 2.4× faster in it (one batch of 32 at 32×32: 52 → 22 ms), and the

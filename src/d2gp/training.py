@@ -67,6 +67,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -592,7 +593,9 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = Fal
         when ``task`` is given (its device is used).
     :param compile: run the unrolled loss through ``torch.compile`` — with CUDA graphs on a GPU
         (``mode="reduce-overhead"``), where an eager step is launch-bound (thousands of small
-        kernels per update); the first updates then pay the compilation.
+        kernels per update); the first updates then pay the compilation. On a CPU it warns: there
+        the compilation took 14.6 min and the compiled update ran 1.5× slower than eager
+        (``benchmarks/results/training_speed/compile/``).
     :param cuda_graph: record the unrolled loss and its backward pass once as a CUDA graph and
         replay it (:class:`d2gp.graphs.GraphedLoss`): the eager update's kernels and numbers
         without its launch overhead and without a compilation. One process, the teacher's cached
@@ -610,6 +613,10 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = Fal
     _check_cuda_graph(config, cuda_graph, compile)
     run_dir = Path(run_dir)  # created, and locked, by @locked_run_dir
     device = task.device if task is not None else resolve_device(device)
+    if compile and device.type == "cpu":
+        warnings.warn("compile on a CPU: on a 2-core Xeon, torch.compile took 14.6 min to compile the float32 update, "
+                      "which then ran 1.5x slower than eager (benchmarks/results/training_speed/compile/); "
+                      "it is meant for GPUs", stacklevel=2)
     config = resolve_autocast(config, device, run_dir, resume)
     from_rank0(lambda: _check_run_dir(run_dir, config, resume))
     task = task or make_task(config.task, device=device, **config.task_settings)
