@@ -53,10 +53,10 @@ import functools
 import json
 import os
 import resource
-import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 CONFIGS = {
@@ -76,10 +76,6 @@ CONFIGS = {
 
 def measure(name: str, threads: int, steps: int, batch: int, profile: bool) -> dict:
     """Run in a child process: time ``steps`` updates (after one warm-up) of configuration ``name``."""
-    if CONFIGS[name].get("compile"):  # a cold compilation, as a first --compile run meets it (not inductor's cache)
-        import tempfile
-
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="d2gp-inductor-")
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -149,8 +145,6 @@ def measure(name: str, threads: int, steps: int, batch: int, profile: bool) -> d
     run = evaluate_solver("inference", task.student, val, denoiser, task.student_step_size, 20, preconditioner=npo,
                           batch_size=64, progress=False)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    if spec["compile"]:  # the cold cache made above
-        shutil.rmtree(os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
     return {"name": name, "precision": "bfloat16" if use_bf16(config.autocast, task.device) else "float32",
             "seconds_per_step": statistics.median(times), "step_times": times, "first_step_seconds": first[0],
             "gflop_per_step": counter.get_total_flops() / 1e9, "peak_rss_mb": peak_mb,
@@ -183,7 +177,10 @@ def main():
     for name in args.configs:
         command = [sys.executable, __file__, "--child", name, "--threads", str(args.threads), "--steps",
                    str(args.steps), "--batch", str(args.batch)]
-        output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+        # A fresh inductor cache per child: a compiled configuration compiles cold, as a first --compile run does.
+        with tempfile.TemporaryDirectory(prefix="d2gp-inductor-") as cache:
+            output = subprocess.run(command, capture_output=True, text=True, check=True,
+                                    env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}).stdout
         results.append(json.loads(output.strip().splitlines()[-1]))
         print(f"{name}: {results[-1]['seconds_per_step']:.2f} s/update", flush=True)
     reference = next((r for r in results if r["name"] == "before"), results[0])

@@ -500,7 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the unrolled loss through torch.compile: on a GPU with CUDA graphs "
                         "(mode reduce-overhead), where an eager update is launch-bound; the first updates pay the "
                         "compilation (minutes), and each new batch shape (an epoch's last, smaller batch) compiles again; "
-                        "on a CPU it only costs (measured: 14.6 min to compile, then 1.5x slower updates)")
+                        "on a CPU it measured slower than eager (d2gp train warns)")
     p.add_argument("--cuda-graph", action="store_true",
                    help="on a GPU, record the unrolled loss and its backward pass once as a CUDA graph and replay it: "
                         "the eager update without its launch overhead, and no compilation (one process; an epoch's "

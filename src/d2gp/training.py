@@ -593,9 +593,8 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = Fal
         when ``task`` is given (its device is used).
     :param compile: run the unrolled loss through ``torch.compile`` — with CUDA graphs on a GPU
         (``mode="reduce-overhead"``), where an eager step is launch-bound (thousands of small
-        kernels per update); the first updates then pay the compilation. On a CPU it warns: there
-        the compilation took 14.6 min and the compiled update ran 1.5× slower than eager
-        (``benchmarks/results/training_speed/compile/``).
+        kernels per update); the first updates then pay the compilation. On a CPU it warns: it
+        measured slower there than eager.
     :param cuda_graph: record the unrolled loss and its backward pass once as a CUDA graph and
         replay it (:class:`d2gp.graphs.GraphedLoss`): the eager update's kernels and numbers
         without its launch overhead and without a compilation. One process, the teacher's cached
